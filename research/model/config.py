@@ -1,0 +1,76 @@
+"""The model's one configuration: a frozen dataclass. Families are values, not classes."""
+
+import dataclasses
+
+POSITIONS = ("rope", "learned")
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("swiglu", "gelu")
+INITS = ("normal", "truncated_normal")
+DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "full", "save_dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer.
+
+    GPT-2: positions="learned", norm="layernorm", mlp_activation="gelu", use_bias=True,
+    tie_embeddings=True. Llama / Mistral: positions="rope", norm="rmsnorm",
+    mlp_activation="swiglu", num_kv_heads < num_heads. Qwen2: Llama plus qkv_bias=True.
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    mlp_dim: int = 2048
+    max_seq_len: int = 256
+    head_dim: int = 0  # 0 means d_model // num_heads.
+    positions: str = "rope"
+    rope_theta: float = 10_000.0
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp_activation: str = "swiglu"
+    use_bias: bool = False  # Biases on every dense layer (GPT-2).
+    qkv_bias: bool = False  # Biases on q, k, v only (Qwen2).
+    tie_embeddings: bool = False
+    init: str = "normal"
+    init_std: float = 0.02
+    # GPT-2 / nanoGPT: residual output projections get std / sqrt(2 * num_layers).
+    scale_residual_init: bool = True
+    dtype: str = "float32"  # Compute dtype; parameters are always float32.
+    remat: str = "none"
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("positions", POSITIONS),
+            ("norm", NORMS),
+            ("mlp_activation", ACTIVATIONS),
+            ("init", INITS),
+            ("dtype", DTYPES),
+            ("remat", REMATS),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"model.{name}={value!r} is not one of {allowed}.")
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of "
+                f"model.num_kv_heads={self.num_kv_heads} (grouped-query attention)."
+            )
+        if not self.head_dim and self.d_model % self.num_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                f"{self.num_heads}; set model.head_dim explicitly."
+            )
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
