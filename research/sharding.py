@@ -23,6 +23,9 @@ RULES = (
     ("seq", None),
     ("head_dim", None),
     ("layers", None),
+    # The model dim of activations [B, T, D]: replicated, so that FSDP's "embed" -> "fsdp"
+    # shards only parameters (batch already uses the fsdp axis).
+    ("act_embed", None),
 )
 
 
@@ -77,7 +80,8 @@ def constrain(x, logical_axes):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+    spec = fit_spec(logical_to_spec(logical_axes), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def global_batch(mesh, local_batch: dict) -> dict:
@@ -88,3 +92,29 @@ def global_batch(mesh, local_batch: dict) -> dict:
         )
         for name, value in local_batch.items()
     }
+
+
+def fit_spec(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
+    """Drops mesh axes from dimensions they do not divide (e.g. a vocab of 50257 over 2).
+
+    Such a dimension is replicated instead of failing: correct, merely less memory-efficient.
+    """
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = []
+        for name in names:
+            size = math.prod(mesh.shape[n] for n in kept) * mesh.shape[name]
+            if dim % size == 0:
+                kept.append(name)
+        fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*fitted)
+
+
+def fit_shardings(shardings, abstract_tree):
+    """fit_spec for every NamedSharding in a tree against the matching abstract array."""
+
+    def fit(named, leaf):
+        return NamedSharding(named.mesh, fit_spec(named.spec, leaf.shape, named.mesh))
+
+    return jax.tree.map(fit, shardings, abstract_tree)

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+from research.errors import UserError
+
 POSITIONS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -53,17 +55,17 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"model.{name}={value!r} is not one of {allowed}.")
+                raise UserError(f"model.{name}={value!r} is not one of {allowed}.")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}.")
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}.")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise UserError(
                 f"model.num_heads={self.num_heads} must be a multiple of "
                 f"model.num_kv_heads={self.num_kv_heads} (grouped-query attention)."
             )
         if not self.head_dim and self.d_model % self.num_heads:
-            raise ValueError(
+            raise UserError(
                 f"model.d_model={self.d_model} is not divisible by model.num_heads="
                 f"{self.num_heads}; set model.head_dim explicitly."
             )

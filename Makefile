@@ -1,0 +1,38 @@
+# Cirrus: `make demo` trains, evaluates and samples a small model; `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_WORKDIR ?= workdir/demo
+
+.PHONY: demo test lint format venv clean-demo
+
+$(VENV)/.runtime-ok: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.test-ok: $(VENV)/.runtime-ok requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+venv: $(VENV)/.runtime-ok
+
+demo: $(VENV)/.runtime-ok
+	$(PY) -m launch.train --gin_file=configs/experiment/demo.gin --workdir=$(DEMO_WORKDIR)
+
+test: $(VENV)/.test-ok
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q --durations=15
+
+lint: $(VENV)/.test-ok
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.test-ok
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean-demo:
+	rm -rf $(DEMO_WORKDIR)

@@ -1,0 +1,42 @@
+"""Shared flags and the exit-code contract of every launch entry point.
+
+Exit codes: 0 done, 1 user error (message, no traceback), 42 preempted (checkpoint saved).
+Never 255: gcloud re-runs a command whose ssh exits 255.
+"""
+
+import sys
+import traceback
+
+from absl import flags, logging
+
+from research.errors import UserError
+
+EXIT_USER_ERROR = 1
+EXIT_PREEMPTED = 42
+
+GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin config file; repeatable.")
+GIN_BINDINGS = flags.DEFINE_multi_string(
+    "gin_bindings", [], "Gin binding such as 'train.num_steps=200'; repeatable."
+)
+WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics.")
+
+
+def guarded(main):
+    """Wraps an absl main: a UserError prints its message and exits 1; crashes never exit 255."""
+
+    def wrapper(argv):
+        try:
+            return main(argv)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except SystemExit:
+            raise
+        except BaseException:
+            logging.flush()
+            traceback.print_exc()
+            sys.exit(2)
+
+    return wrapper

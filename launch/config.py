@@ -1,0 +1,58 @@
+"""Gin for every entry point: the configurables users bind, parsing with clear errors.
+
+research/ never imports gin; this is the only place the library's dataclasses are exposed:
+`model.*` (ModelConfig), `data.*` (DataConfig) and `train.*` (TrainConfig).
+"""
+
+import os
+
+import gin
+
+from research.data import DataConfig
+from research.errors import UserError
+from research.model import ModelConfig
+from research.train import TrainConfig
+
+# The gin-wrapped constructors: calling one applies the bindings (the plain class does not).
+_CONFIGURABLES = {
+    ModelConfig: gin.external_configurable(ModelConfig, "model"),
+    DataConfig: gin.external_configurable(DataConfig, "data"),
+    TrainConfig: gin.external_configurable(TrainConfig, "train"),
+}
+
+# Repository root: gin files are found relative to it (and to the working directory).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+gin.add_config_file_search_path(ROOT)
+
+
+def parse(gin_files=(), gin_bindings=()) -> None:
+    """Parses gin files then bindings; a typo or bad value becomes a UserError."""
+    gin.clear_config()
+    for path in gin_files:
+        if not os.path.exists(path) and not os.path.exists(os.path.join(ROOT, path)):
+            raise UserError(
+                f"--gin_file={path} does not exist; configs live under {ROOT}/configs "
+                f"(e.g. configs/experiment/demo.gin)."
+            )
+    try:
+        gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings))
+    except (ValueError, SyntaxError, KeyError, TypeError) as error:
+        raise UserError(
+            f"bad gin configuration: {error}\nConfigurables are `model.*`, `data.*` and "
+            f"`train.*`; check the name and value of the binding above (see configs/base.gin "
+            f"for every field)."
+        ) from None
+
+
+def build(cls):
+    """Constructs a gin-bound config, turning a value rejected by its checks into UserError."""
+    try:
+        return _CONFIGURABLES[cls]()
+    except UserError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise UserError(f"bad gin configuration: {error}") from None
+
+
+def operative_config() -> str:
+    return gin.operative_config_str()

@@ -1,0 +1,119 @@
+"""Trains a model from gin configs.
+
+  python -m launch.train --gin_file=configs/experiment/demo.gin \
+      --gin_bindings='train.num_steps=200' --workdir=/tmp/demo
+
+Prepares the configured data first when it is not cached yet, writes the operative gin
+config, metrics.jsonl, TensorBoard events and a loss-curve PNG to the workdir, then evaluates
+the final model on the held-out test split and prints a sample.
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+from launch import cli
+from launch import config as gin_config
+from research.data import DataConfig, ensure_prepared
+from research.errors import UserError
+from research.model import ModelConfig
+from research.train import NonFiniteLossError, TrainConfig, evaluate, train
+from research.train.loop import eval_batches
+
+SAMPLE_PROMPT = flags.DEFINE_string(
+    "sample_prompt", "ROMEO\n", "Prompt for the sample printed after training ('' skips)."
+)
+SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 96, "New tokens in the final sample.")
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def prepare_run(workdir: str):
+    """Builds the configs and prepared data, writes config.gin; returns what train() needs."""
+    model_config = gin_config.build(ModelConfig)
+    data_config = gin_config.build(DataConfig)
+    train_config = gin_config.build(TrainConfig)
+    prepared = ensure_prepared(data_config, log=_log)
+    tokenizer = prepared.tokenizer
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+            f"{model_config.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size} (or "
+            f"lower data.vocab_size)."
+        )
+    if train_config.seq_len > model_config.max_seq_len:
+        raise UserError(
+            f"train.seq_len={train_config.seq_len} exceeds model.max_seq_len="
+            f"{model_config.max_seq_len}; lower train.seq_len or raise model.max_seq_len."
+        )
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer.save(os.path.join(workdir, "tokenizer"))
+    with open(os.path.join(workdir, "config.gin"), "w") as f:
+        f.write(gin_config.operative_config())
+    return model_config, train_config, prepared
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; pass settings as --gin_bindings.")
+    workdir = cli.WORKDIR.value
+    if not workdir:
+        raise UserError("--workdir is required: the directory for this run's outputs.")
+    gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
+    model_config, train_config, prepared = prepare_run(workdir)
+    # A fresh run starts a fresh metrics log (resuming from checkpoints is not built yet).
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    try:
+        trainer, state, _ = train(
+            model_config, train_config, data_dir=prepared.directory, workdir=workdir, log=_log
+        )
+    except NonFiniteLossError as error:
+        raise UserError(str(error)) from None
+
+    test = evaluate(trainer, state.params, eval_batches(prepared.directory, "test", train_config))
+    _log(
+        f"test split: loss {test['loss']:.4f}  perplexity {test['perplexity']:.2f}  "
+        f"accuracy {100 * test['accuracy']:.1f}%  ({int(test['tokens']):,} tokens)"
+    )
+    with open(os.path.join(workdir, "eval_test.json"), "w") as f:
+        json.dump(test, f, indent=2)
+    if SAMPLE_PROMPT.value:
+        _print_sample(trainer, state, model_config, prepared.tokenizer)
+    _log(
+        f"\nworkdir      {os.path.abspath(workdir)}\n"
+        f"config       {os.path.join(workdir, 'config.gin')}\n"
+        f"metrics      {metrics_path}\n"
+        f"tensorboard  tensorboard --logdir {os.path.join(workdir, 'tensorboard')}\n"
+        f"loss curve   {os.path.join(workdir, 'plots', 'loss.png')}"
+    )
+
+
+def _print_sample(trainer, state, model_config, tokenizer):
+    import jax
+
+    from research.serving import generate_reference
+
+    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(SAMPLE_PROMPT.value)
+    params = jax.device_get(state.params)
+    new_ids = generate_reference(
+        trainer.graphdef,
+        params,
+        prompt_ids,
+        max_new_tokens=SAMPLE_TOKENS.value,
+        max_seq_len=model_config.max_seq_len,
+        temperature=0.8,
+        seed=0,
+    )
+    if tokenizer.eos_id in new_ids:
+        new_ids = new_ids[: new_ids.index(tokenizer.eos_id)]
+    _log("\n--- sample (temperature 0.8) ---\n" + SAMPLE_PROMPT.value + tokenizer.decode(new_ids))
+    _log("--- end of sample ---")
+
+
+if __name__ == "__main__":
+    app.run(cli.guarded(main))

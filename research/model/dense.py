@@ -1,0 +1,55 @@
+"""A dense projection that contracts the trailing axes of x with the leading axes of a kernel."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.model.parameter import param
+
+
+class Dense(nnx.Module):
+    """y[..., out] = sum over in of x[..., in] * kernel[in, out] (+ bias[out]).
+
+    Multi-axis inputs and outputs ([D] -> [N, H], [N, H] -> [D]) keep heads as their own axis,
+    so every layer is one dot_general with no transposes and each kernel axis has its own
+    logical name for sharding.
+
+    Args:
+      in_features: sizes of the contracted trailing axes of x, e.g. (D,) or (N, H).
+      out_features: sizes of the output axes, e.g. (F,) or (N, H).
+      in_axes, out_axes: logical axis names of those kernel axes.
+      use_bias: add a float32 bias of shape out_features (initialized to zero).
+      kernel_init: initializer of the float32 kernel [*in_features, *out_features].
+      dtype: compute dtype; the kernel and bias are cast to it at use.
+    """
+
+    def __init__(
+        self,
+        in_features: tuple[int, ...],
+        out_features: tuple[int, ...],
+        *,
+        in_axes: tuple[str | None, ...],
+        out_axes: tuple[str | None, ...],
+        use_bias: bool,
+        kernel_init: nnx.Initializer,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.num_in = len(in_features)
+        self.dtype = dtype
+        self.kernel = param(
+            kernel_init, (*in_features, *out_features), (*in_axes, *out_axes), rngs=rngs
+        )
+        self.bias = (
+            param(nnx.initializers.zeros, out_features, out_axes, rngs=rngs) if use_bias else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., *in_features] in the compute dtype -> [..., *out_features] compute dtype."""
+        kernel = self.kernel[...].astype(self.dtype)
+        contract_x = tuple(range(x.ndim - self.num_in, x.ndim))
+        contract_kernel = tuple(range(self.num_in))
+        y = jax.lax.dot_general(x, kernel, ((contract_x, contract_kernel), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y

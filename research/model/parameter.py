@@ -1,0 +1,23 @@
+"""How every model parameter is made: float32, with logical axis names for sharding."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(
+    init: nnx.Initializer,
+    shape: tuple[int, ...],
+    logical_axes: tuple[str | None, ...],
+    *,
+    rngs: nnx.Rngs,
+) -> nnx.Param:
+    """A float32 nnx.Param of `shape` whose axes are named `logical_axes`.
+
+    Under `jax.set_mesh(mesh)` + `nnx.logical_axis_rules(RULES)` it is born sharded by the
+    rules; without a mesh it is a plain single-device array (tests, eval_shape, one device)
+    that still carries the names, so `nnx.get_partition_spec` works on it later.
+    """
+    init = nnx.with_partitioning(init, tuple(logical_axes))
+    value = init(rngs.params(), tuple(shape), jnp.float32)
+    return nnx.Param(value, eager_sharding=not jax.sharding.get_abstract_mesh().empty)

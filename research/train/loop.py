@@ -1,0 +1,242 @@
+"""The training loop: jit the pure step once, feed it grain batches, log, evaluate.
+
+Owns the mesh, the jitted functions, the data iterator and the metrics writer; the step
+itself (research/train/step.py) stays pure.
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from research import sharding
+from research.data import make_dataset
+from research.errors import UserError
+from research.model import ModelConfig, flops_per_token
+from research.train import flops
+from research.train.config import TrainConfig
+from research.train.metrics_writer import MetricsWriter, format_duration, plot_loss_curve
+from research.train.optimizer import learning_rate_schedule, make_optimizer
+from research.train.state import TrainState, init_train_state
+from research.train.step import eval_step, train_step, train_step_accumulated
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or Inf loss; the message names the step."""
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything built once per run: mesh, jitted step/eval, shardings."""
+
+    mesh: jax.sharding.Mesh
+    graphdef: object
+    shardings: TrainState
+    train_step: Callable
+    eval_step: Callable
+    schedule: Callable
+
+
+def check_batch_layout(config: TrainConfig, mesh) -> None:
+    """Clear errors for a batch the mesh or the hosts cannot split evenly."""
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % batch_shards:
+        raise UserError(
+            f"train.batch_size={config.batch_size} is not divisible by the mesh's batch axes "
+            f"(data x fsdp = {batch_shards} for mesh {dict(mesh.shape)}); use a batch size that "
+            f"is a multiple of {batch_shards} or change train.mesh_shape."
+        )
+    if (config.batch_size // config.micro_batches) % batch_shards:
+        raise UserError(
+            f"each micro-batch (train.batch_size / train.micro_batches = "
+            f"{config.batch_size // config.micro_batches}) must be divisible by the mesh's batch "
+            f"axes ({batch_shards}); lower train.micro_batches or raise train.batch_size."
+        )
+    if config.batch_size % jax.process_count():
+        raise UserError(
+            f"train.batch_size={config.batch_size} is not divisible by the "
+            f"{jax.process_count()} processes."
+        )
+
+
+def build_trainer(model_config: ModelConfig, config: TrainConfig, mesh=None) -> tuple:
+    """Returns (Trainer, initial TrainState) with the state born sharded on the mesh."""
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
+    check_batch_layout(config, mesh)
+    tx = make_optimizer(config)
+    graphdef, state, shardings = init_train_state(mesh, model_config, tx, config.seed)
+    if config.micro_batches > 1:
+        step = functools.partial(
+            train_step_accumulated,
+            graphdef=graphdef,
+            tx=tx,
+            micro_batches=config.micro_batches,
+            z_loss=config.z_loss,
+        )
+    else:
+        step = functools.partial(train_step, graphdef=graphdef, tx=tx, z_loss=config.z_loss)
+    batch_sharding = sharding.batch_sharding(mesh)
+    jitted_step = jax.jit(
+        step,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    jitted_eval = jax.jit(
+        functools.partial(eval_step, graphdef=graphdef),
+        in_shardings=(shardings.params, batch_sharding),
+    )
+    trainer = Trainer(
+        mesh=mesh,
+        graphdef=graphdef,
+        shardings=shardings,
+        train_step=jitted_step,
+        eval_step=jitted_eval,
+        schedule=learning_rate_schedule(config),
+    )
+    return trainer, state
+
+
+def evaluate(trainer: Trainer, params, batches) -> dict:
+    """Loss, perplexity and next-token accuracy over an iterable of host-local batches."""
+    totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    with jax.set_mesh(trainer.mesh):
+        for batch in batches:
+            sums = trainer.eval_step(params, sharding.global_batch(trainer.mesh, batch))
+            for name in totals:
+                totals[name] += float(sums[name])
+    tokens = max(totals["tokens"], 1.0)
+    loss = totals["loss_sum"] / tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "accuracy": totals["correct"] / tokens,
+        "tokens": totals["tokens"],
+    }
+
+
+def eval_batches(data_dir: str, split: str, config: TrainConfig, max_batches: int = 0):
+    """The first `max_batches` (0 = all) batches of a split, in file order, padded."""
+    dataset = make_dataset(
+        data_dir,
+        split,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size // jax.process_count(),
+        shuffle=False,
+        num_epochs=1,
+    )
+    for index, batch in enumerate(dataset):
+        if max_batches and index >= max_batches:
+            return
+        yield batch
+
+
+def train(
+    model_config: ModelConfig,
+    config: TrainConfig,
+    *,
+    data_dir: str,
+    workdir: str,
+    log: Callable[[str], None] = print,
+    mesh=None,
+) -> tuple[Trainer, TrainState, dict]:
+    """Trains for config.num_steps; returns (trainer, final state, last metrics)."""
+    trainer, state = build_trainer(model_config, config, mesh)
+    mesh = trainer.mesh
+    is_chief = jax.process_index() == 0
+    writer = MetricsWriter(workdir, enabled=is_chief)
+    platform = jax.devices()[0].platform
+    # Forced CPU "devices" share the host's cores: the host peak is the peak of them all.
+    num_peak_devices = 1 if platform == "cpu" else jax.device_count()
+    peak = flops.peak_flops_per_device(config.peak_flops_per_device) * num_peak_devices
+    flops_token = flops_per_token(model_config, config.seq_len)
+    log(
+        f"mesh {dict(mesh.shape)} on {jax.device_count()} {platform} devices, "
+        f"{jax.process_count()} process(es); {sum(x.size for x in jax.tree.leaves(state.params)):,}"
+        f" parameters; peak {peak / 1e9:,.0f} GFLOP/s"
+    )
+
+    dataset = make_dataset(
+        data_dir,
+        "train",
+        seq_len=config.seq_len,
+        batch_size=config.batch_size // jax.process_count(),
+        seed=config.seed,
+    )
+    iterator = iter(dataset)
+    tokens_per_step = config.batch_size * config.seq_len
+    start_step = int(state.step)
+    last = {}
+    pending = None  # (step, metrics) of the previous step, read one step late so the host
+    # never waits on the device between steps.
+    window_start, window_steps = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    first_step_s = None
+    with jax.set_mesh(mesh):
+        for step in range(start_step, config.num_steps):
+            batch = sharding.global_batch(mesh, next(iterator))
+            state, metrics = trainer.train_step(state, batch)
+            if first_step_s is None:
+                jax.block_until_ready(metrics["loss"])
+                first_step_s = time.perf_counter() - run_start
+                log(f"step {step + 1}: compiled and ran the first step in {first_step_s:.1f}s")
+                window_start, window_steps = time.perf_counter(), 0
+            else:
+                window_steps += 1
+            if pending is not None:
+                _check_finite(*pending)
+            pending = (step + 1, metrics)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.num_steps:
+                _check_finite(*pending)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / elapsed if window_steps else 0.0
+                record = {
+                    "loss": float(metrics["loss"]),
+                    "accuracy": float(metrics["accuracy"]),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "learning_rate": float(trainer.schedule(done - 1)),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": tokens_per_s * flops_token / peak if peak else 0.0,
+                }
+                if config.eval_every and (
+                    done % config.eval_every == 0 or done == config.num_steps
+                ):
+                    val = evaluate(
+                        trainer,
+                        state.params,
+                        eval_batches(data_dir, "validation", config, config.eval_batches),
+                    )
+                    record["val_loss"] = val["loss"]
+                    record["val_accuracy"] = val["accuracy"]
+                writer.write(done, record)
+                remaining = config.num_steps - done
+                eta = remaining * tokens_per_step / tokens_per_s if tokens_per_s else 0.0
+                log(
+                    f"step {done}/{config.num_steps}  loss {record['loss']:.4f}"
+                    + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else "")
+                    + f"  lr {record['learning_rate']:.2e}  {tokens_per_s:,.0f} tok/s"
+                    + f"  MFU {100 * record['mfu']:.1f}%  ETA {format_duration(eta)}"
+                )
+                last = record
+                window_start, window_steps = time.perf_counter(), 0
+    writer.close()
+    if is_chief:
+        plot_loss_curve(writer.jsonl_path, os.path.join(workdir, "plots", "loss.png"))
+    last["first_step_s"] = first_step_s or 0.0
+    return trainer, state, last
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the loss became {loss} at step {step}; training stopped instead of continuing on "
+            f"garbage. Lower train.learning_rate, raise train.warmup_steps, or use "
+            f"train.grad_clip_norm / model.dtype='float32'."
+        )

@@ -1,0 +1,99 @@
+"""launch.train as a user runs it: a subprocess, real flags, exit codes, files in the workdir."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch.config import ROOT
+
+TINY_RUN = [
+    "model.vocab_size = 320",
+    "model.d_model = 32",
+    "model.num_layers = 2",
+    "model.num_heads = 4",
+    "model.num_kv_heads = 2",
+    "model.mlp_dim = 64",
+    "model.max_seq_len = 64",
+    "data.vocab_size = 320",
+    "data.min_chars = 16",
+    "train.num_steps = 12",
+    "train.batch_size = 4",
+    "train.seq_len = 32",
+    "train.log_every = 4",
+    "train.eval_every = 6",
+    "train.eval_batches = 1",
+    "train.peak_flops_per_device = 1e11",
+]
+
+
+def _run(args, env_extra=None, timeout=300):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "launch.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus")
+    for index in range(12):
+        text = f"Scene {index}. " + "Once more unto the breach, dear friends, once more. " * 8
+        (directory / f"scene{index}.md").write_text(f"# Scene {index}\n\n**KING**\n{text}\n")
+    return directory
+
+
+@pytest.mark.slow
+def test_train_cli_end_to_end(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    bindings = TINY_RUN + [f"data.sources = ('{corpus}',)", f"data.cache_dir = '{tmp_path}/c'"]
+    result = _run(
+        ["--gin_file=configs/experiment/demo.gin", f"--workdir={workdir}", "--sample_tokens=8"]
+        + [f"--gin_bindings={b}" for b in bindings]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ETA" in result.stdout and "tok/s" in result.stdout
+    assert "test split: loss" in result.stdout and "--- sample" in result.stdout
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert "val_loss" in records[-1]
+    config_text = (workdir / "config.gin").read_text()
+    assert "train.num_steps = 12" in config_text and "model.d_model = 32" in config_text
+    assert (workdir / "plots" / "loss.png").exists()
+    assert (workdir / "tokenizer" / "tokenizer.json").exists()
+    assert os.listdir(workdir / "tensorboard")
+    # The prepared data is cached: a second run does not prepare it again.
+    again = _run(
+        ["--gin_file=configs/experiment/demo.gin", f"--workdir={tmp_path / 'run2'}"]
+        + ["--sample_prompt="]
+        + [f"--gin_bindings={b}" for b in bindings + ["train.num_steps = 2"]]
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training tokenizer" not in again.stdout.lower()
+
+
+@pytest.mark.parametrize(
+    "bindings, fragment",
+    [
+        (["train.num_stpes = 3"], "num_stpes"),
+        (["train.batch_size = 6", "train.mesh_shape = (4, 1, 1)"], "train.batch_size"),
+        (["data.sources = ('/nonexistent/corpus',)"], "/nonexistent/corpus"),
+    ],
+)
+def test_user_errors_exit_1_with_a_message(bindings, fragment, tmp_path):
+    result = _run(
+        ["--gin_file=configs/experiment/demo.gin", f"--workdir={tmp_path}"]
+        + [f"--gin_bindings={b}" for b in bindings + [f"data.cache_dir = '{tmp_path}/c'"]],
+        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
