@@ -1,13 +1,15 @@
 """Gin for every entry point: the configurables users bind, parsing with clear errors.
 
 research/ never imports gin; this is the only place the library's dataclasses are exposed:
-`model.*` (ModelConfig), `data.*` (DataConfig) and `train.*` (TrainConfig).
+`model.*` (ModelConfig), `data.*` (DataConfig), `train.*` (TrainConfig) and
+`checkpoint.*` (CheckpointConfig).
 """
 
 import os
 
 import gin
 
+from research.checkpoint import CheckpointConfig
 from research.data import DataConfig
 from research.errors import UserError
 from research.model import ModelConfig
@@ -18,6 +20,7 @@ _CONFIGURABLES = {
     ModelConfig: gin.external_configurable(ModelConfig, "model"),
     DataConfig: gin.external_configurable(DataConfig, "data"),
     TrainConfig: gin.external_configurable(TrainConfig, "train"),
+    CheckpointConfig: gin.external_configurable(CheckpointConfig, "checkpoint"),
 }
 
 # Repository root: gin files are found relative to it (and to the working directory).
@@ -38,9 +41,9 @@ def parse(gin_files=(), gin_bindings=()) -> None:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings))
     except (ValueError, SyntaxError, KeyError, TypeError) as error:
         raise UserError(
-            f"bad gin configuration: {error}\nConfigurables are `model.*`, `data.*` and "
-            f"`train.*`; check the name and value of the binding above (see configs/base.gin "
-            f"for every field)."
+            f"bad gin configuration: {error}\nConfigurables are `model.*`, `data.*`, "
+            f"`train.*` and `checkpoint.*`; check the name and value of the binding above "
+            f"(see configs/base.gin for every field)."
         ) from None
 
 

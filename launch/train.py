@@ -10,21 +10,27 @@ the final model on the held-out test split and prints a sample.
 
 import json
 import os
+import shutil
+import sys
 
 from absl import app, flags
 
 from launch import cli
 from launch import config as gin_config
+from research.checkpoint import CheckpointConfig, checkpoint_dir
 from research.data import DataConfig, ensure_prepared
 from research.errors import UserError
 from research.model import ModelConfig
 from research.train import NonFiniteLossError, TrainConfig, evaluate, train
-from research.train.loop import eval_batches
+from research.train.loop import Preempted, PreemptionNotice, eval_batches
 
 SAMPLE_PROMPT = flags.DEFINE_string(
     "sample_prompt", "ROMEO\n", "Prompt for the sample printed after training ('' skips)."
 )
 SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 96, "New tokens in the final sample.")
+FRESH = flags.DEFINE_bool(
+    "fresh", False, "Delete the workdir's checkpoints and start from step 0 instead of resuming."
+)
 
 
 def _log(message: str) -> None:
@@ -64,16 +70,27 @@ def main(argv):
         raise UserError("--workdir is required: the directory for this run's outputs.")
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
     model_config, train_config, prepared = prepare_run(workdir)
-    # A fresh run starts a fresh metrics log (resuming from checkpoints is not built yet).
+    checkpoint_config = gin_config.build(CheckpointConfig)
+    if FRESH.value and os.path.exists(checkpoint_dir(workdir)):
+        _log(f"--fresh: deleting {checkpoint_dir(workdir)}")
+        shutil.rmtree(checkpoint_dir(workdir))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
     try:
         trainer, state, _ = train(
-            model_config, train_config, data_dir=prepared.directory, workdir=workdir, log=_log
+            model_config,
+            train_config,
+            data_dir=prepared.directory,
+            workdir=workdir,
+            log=_log,
+            checkpoint=checkpoint_config,
+            meta={"config_gin": gin_config.operative_config()},
+            preemption=PreemptionNotice().install(),
         )
     except NonFiniteLossError as error:
         raise UserError(str(error)) from None
+    except Preempted as preempted:
+        _log(f"{preempted}; exiting with code {cli.EXIT_PREEMPTED} so that a supervisor restarts")
+        sys.exit(cli.EXIT_PREEMPTED)
 
     test = evaluate(trainer, state.params, eval_batches(prepared.directory, "test", train_config))
     _log(

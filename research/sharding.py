@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from research.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 # Auto axes: logical rules + FSDP fail on Explicit axes (jax.make_mesh's default now).
 AUTO3 = (AxisType.Auto,) * 3
@@ -33,21 +35,24 @@ def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, ...]:
     """Fills one -1 entry of a (data, fsdp, tensor) shape with the remaining devices."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(
-            f"mesh shape {shape} must have {len(MESH_AXES)} entries, one per axis {MESH_AXES}."
+        raise UserError(
+            f"train.mesh_shape={shape} must have {len(MESH_AXES)} entries, one per mesh axis "
+            f"{MESH_AXES}."
         )
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh shape {shape}: use positive sizes and at most one -1.")
+        raise UserError(
+            f"train.mesh_shape={shape}: use positive sizes and at most one -1 (the rest)."
+        )
     known = math.prod(s for s in shape if s != -1)
     if num_devices % known:
-        raise ValueError(
-            f"mesh shape {shape} does not divide the {num_devices} available devices; "
+        raise UserError(
+            f"train.mesh_shape={shape} does not divide the {num_devices} available devices; "
             f"choose sizes whose product divides {num_devices}."
         )
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ValueError(
-            f"mesh shape {shape} uses {math.prod(shape)} devices but {num_devices} are "
+        raise UserError(
+            f"train.mesh_shape={shape} uses {math.prod(shape)} devices but {num_devices} are "
             f"available; use -1 for one axis to take the rest."
         )
     return shape

@@ -6,21 +6,36 @@ itself (research/train/step.py) stays pure.
 
 import dataclasses
 import functools
+import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from research import sharding
+from research.checkpoint.manager import (
+    CheckpointConfig,
+    Checkpointer,
+    abstract_with_shardings,
+    dumps_config,
+    restore_latest_usable,
+)
 from research.data import make_dataset
 from research.errors import UserError
 from research.model import ModelConfig, flops_per_token
 from research.train import flops
 from research.train.config import TrainConfig
-from research.train.metrics_writer import MetricsWriter, format_duration, plot_loss_curve
+from research.train.metrics_writer import (
+    MetricsWriter,
+    format_duration,
+    plot_loss_curve,
+    read_metrics,
+)
 from research.train.optimizer import learning_rate_schedule, make_optimizer
 from research.train.state import TrainState, init_train_state
 from research.train.step import eval_step, train_step, train_step_accumulated
@@ -136,6 +151,28 @@ def eval_batches(data_dir: str, split: str, config: TrainConfig, max_batches: in
         yield batch
 
 
+class Preempted(Exception):
+    """A preemption notice (SIGTERM) arrived; the state was saved at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: saved a checkpoint at step {step}")
+        self.step = step
+
+
+class PreemptionNotice:
+    """Turns SIGTERM into a flag the loop polls between steps (save, then exit 42)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
 def train(
     model_config: ModelConfig,
     config: TrainConfig,
@@ -144,12 +181,21 @@ def train(
     workdir: str,
     log: Callable[[str], None] = print,
     mesh=None,
+    checkpoint: CheckpointConfig | None = None,
+    meta: dict | None = None,
+    preemption: PreemptionNotice | None = None,
+    init_params=None,
 ) -> tuple[Trainer, TrainState, dict]:
-    """Trains for config.num_steps; returns (trainer, final state, last metrics)."""
+    """Trains for config.num_steps; returns (trainer, final state, last metrics).
+
+    With `checkpoint`, resumes from the latest usable step in workdir/ckpt and saves every
+    `checkpoint.save_every` steps and at the end. `init_params` (an nnx.State matching the
+    model) starts a fresh run from given weights (fine-tuning). A set `preemption.requested`
+    saves the current step and raises Preempted.
+    """
     trainer, state = build_trainer(model_config, config, mesh)
     mesh = trainer.mesh
     is_chief = jax.process_index() == 0
-    writer = MetricsWriter(workdir, enabled=is_chief)
     platform = jax.devices()[0].platform
     # Forced CPU "devices" share the host's cores: the host peak is the peak of them all.
     num_peak_devices = 1 if platform == "cpu" else jax.device_count()
@@ -160,7 +206,6 @@ def train(
         f"{jax.process_count()} process(es); {sum(x.size for x in jax.tree.leaves(state.params)):,}"
         f" parameters; peak {peak / 1e9:,.0f} GFLOP/s"
     )
-
     dataset = make_dataset(
         data_dir,
         "train",
@@ -169,8 +214,111 @@ def train(
         seed=config.seed,
     )
     iterator = iter(dataset)
+    checkpointer = None
+    meta = dict(meta or {}, model_config=dumps_config(model_config), data_dir=data_dir)
+    if checkpoint is not None:
+        checkpointer = Checkpointer(workdir, checkpoint)
+        state = _resume(checkpointer, trainer, state, iterator, model_config, log)
+    if int(state.step) == 0 and init_params is not None:
+        state = _with_params(trainer, state, init_params)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if is_chief:
+        truncate_metrics(metrics_path, int(state.step))
+    writer = MetricsWriter(workdir, enabled=is_chief)
+    try:
+        state, last = _run(
+            trainer,
+            state,
+            iterator,
+            config,
+            model_config,
+            data_dir,
+            writer,
+            checkpointer,
+            meta,
+            preemption,
+            log,
+            peak,
+            flops_token,
+        )
+    finally:
+        writer.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    if is_chief:
+        plot_loss_curve(metrics_path, os.path.join(workdir, "plots", "loss.png"))
+    return trainer, state, last
+
+
+def _resume(checkpointer, trainer, state, iterator, model_config, log):
+    """Restores the latest usable checkpoint into `state` (resharding onto this mesh)."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return state
+    saved = checkpointer.read_meta(latest).get("model_config", {})
+    current = dumps_config(model_config)
+    differ = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    shape_fields = {
+        "vocab_size",
+        "d_model",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "mlp_dim",
+        "head_dim",
+        "positions",
+        "norm",
+        "mlp_activation",
+        "use_bias",
+        "qkv_bias",
+        "tie_embeddings",
+        "max_seq_len",
+    }
+    shape_differ = {k: v for k, v in differ.items() if k in shape_fields}
+    if shape_differ:
+        lines = "\n".join(
+            f"  model.{k}: saved {a!r}, now {b!r}" for k, (a, b) in shape_differ.items()
+        )
+        raise UserError(
+            f"{checkpointer.directory} holds a run of a different model shape:\n{lines}\n"
+            "Use a new --workdir, restore the old settings, or pass --fresh to start over."
+        )
+    abstract = abstract_with_shardings(state, trainer.shardings)
+    step, restored = restore_latest_usable(
+        checkpointer, lambda s: checkpointer.restore(s, abstract, iterator), log=log
+    )
+    params, opt_state = restored
+    log(f"resumed from step {step} in {checkpointer.directory}")
+    step_array = jax.device_put(jnp.asarray(step, jnp.int32), trainer.shardings.step)
+    return TrainState(step=step_array, params=params, opt_state=opt_state)
+
+
+def _with_params(trainer, state, params):
+    """The initial state with given parameters, placed on the state's shardings."""
+    params = jax.device_put(params, trainer.shardings.params)
+    return state.replace(params=params)
+
+
+def _run(
+    trainer,
+    state,
+    iterator,
+    config,
+    model_config,
+    data_dir,
+    writer,
+    checkpointer,
+    meta,
+    preemption,
+    log,
+    peak,
+    flops_token,
+):
+    """The step loop proper. Returns (final state, last logged record)."""
+    mesh = trainer.mesh
     tokens_per_step = config.batch_size * config.seq_len
     start_step = int(state.step)
+    save_every = checkpointer.save_every if checkpointer else 0
     last = {}
     pending = None  # (step, metrics) of the previous step, read one step late so the host
     # never waits on the device between steps.
@@ -192,6 +340,7 @@ def train(
                 _check_finite(*pending)
             pending = (step + 1, metrics)
             done = step + 1
+            record = None
             if done % config.log_every == 0 or done == config.num_steps:
                 _check_finite(*pending)
                 elapsed = time.perf_counter() - window_start
@@ -225,11 +374,38 @@ def train(
                 )
                 last = record
                 window_start, window_steps = time.perf_counter(), 0
-    writer.close()
-    if is_chief:
-        plot_loss_curve(writer.jsonl_path, os.path.join(workdir, "plots", "loss.png"))
+            preempted = preemption is not None and preemption.requested
+            if checkpointer and (done % save_every == 0 or done == config.num_steps or preempted):
+                _check_finite(*pending)  # Never save a state whose loss is NaN.
+                val_loss = (record or {}).get("val_loss")
+                checkpointer.save(
+                    done,
+                    state,
+                    iterator,
+                    meta,
+                    metrics={"val_loss": val_loss} if val_loss is not None else None,
+                )
+            if preempted:
+                if checkpointer:
+                    checkpointer.wait()
+                raise Preempted(done)
+    if checkpointer:
+        checkpointer.wait()
     last["first_step_s"] = first_step_s or 0.0
-    return trainer, state, last
+    return state, last
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drops records after `step` (all of them when step == 0): a resumed run appends from its
+    checkpoint, so the log matches an uninterrupted run step for step."""
+    if not os.path.exists(path):
+        return
+    if step == 0:
+        os.remove(path)
+        return
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
 def _check_finite(step: int, metrics: dict) -> None:

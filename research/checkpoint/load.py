@@ -1,0 +1,76 @@
+"""Loading a trained model for inference or fine-tuning: parameters only, onto any mesh."""
+
+import dataclasses
+import os
+
+import jax
+from flax import nnx
+
+from research import sharding
+from research.checkpoint.manager import (
+    CheckpointConfig,
+    Checkpointer,
+    abstract_with_shardings,
+    restore_latest_usable,
+)
+from research.data import Tokenizer
+from research.errors import UserError
+from research.model import ModelConfig
+from research.train.state import abstract_model
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model_config: ModelConfig
+    graphdef: object
+    params: object  # nnx.State of nnx.Param, sharded on the mesh it was loaded onto.
+    tokenizer: Tokenizer | None
+    step: int
+    data_dir: str | None
+
+
+def param_shardings(model_config: ModelConfig, mesh):
+    """NamedShardings of the parameters on `mesh` from their logical axes."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+        graphdef, params = abstract_model(model_config)
+        shardings = sharding.fit_shardings(nnx.get_named_sharding(params, mesh), params)
+    return graphdef, params, shardings
+
+
+def load_model(workdir: str, *, step: int | None = None, mesh=None, log=print) -> LoadedModel:
+    """The parameters of the latest usable (or given) step of a run, plus its tokenizer.
+
+    `mesh` defaults to one device; pass a (data, fsdp, tensor) mesh to load sharded.
+    """
+    checkpointer = Checkpointer(workdir, CheckpointConfig(async_save=False))
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise UserError(
+            f"no checkpoint in {checkpointer.directory}; train first with "
+            f"`python -m launch.train --workdir={workdir} ...`."
+        )
+    if step is not None and step not in steps:
+        raise UserError(f"step {step} is not in {checkpointer.directory}; saved steps: {steps}.")
+    meta = checkpointer.read_meta(step if step is not None else steps[-1])
+    model_config = ModelConfig(**meta["model_config"])
+    if mesh is None:
+        mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    graphdef, abstract, shardings = param_shardings(model_config, mesh)
+    target = abstract_with_shardings(abstract, shardings)
+    if step is not None:
+        params = checkpointer.restore_params(step, target)
+    else:
+        step, params = restore_latest_usable(
+            checkpointer, lambda s: checkpointer.restore_params(s, target), log=log
+        )
+    checkpointer.close()
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    tokenizer = Tokenizer.load(tokenizer_dir) if os.path.exists(tokenizer_dir) else None
+    return LoadedModel(
+        model_config=model_config,
+        graphdef=graphdef,
+        params=params,
+        tokenizer=tokenizer,
+        step=step,
+        data_dir=meta.get("data_dir"),
+    )

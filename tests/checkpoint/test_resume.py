@@ -1,0 +1,246 @@
+"""Checkpoints that never lose a run: exact resume after SIGKILL, SIGTERM exit 42, reshard,
+corrupt-step fallback, config mismatch."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from launch.config import ROOT
+from research import sharding
+from research.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    abstract_with_shardings,
+    load_model,
+    restore_latest_usable,
+)
+from research.data import DataConfig, make_dataset, prepare_data
+from research.errors import UserError
+from research.model import ModelConfig
+from research.train import TrainConfig, build_trainer, train
+from tests.launch.test_train_cli import TINY_RUN
+
+MODEL = ModelConfig(
+    vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+    max_seq_len=32,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = [
+        "now",
+        "is",
+        "the",
+        "winter",
+        "of",
+        "our",
+        "discontent",
+        "made",
+        "glorious",
+        "summer",
+        "by",
+        "this",
+        "sun",
+    ]
+    for index in range(24):
+        text = " ".join(rng.choice(words, size=120))
+        (directory / f"doc{index}.txt").write_text(f"Document {index}. {text}\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data_dir(corpus, tmp_path_factory):
+    config = DataConfig(sources=(str(corpus),), vocab_size=320, min_chars=16)
+    return prepare_data(config, str(tmp_path_factory.mktemp("data")), log=lambda _: None).directory
+
+
+def _command(workdir, corpus, cache, steps):
+    bindings = TINY_RUN + [
+        f"data.sources = ('{corpus}',)",
+        f"data.cache_dir = '{cache}'",
+        f"train.num_steps = {steps}",
+        "train.log_every = 1",
+        "train.eval_every = 0",
+        "checkpoint.save_every = 3",
+        "checkpoint.keep = 2",
+    ]
+    return [
+        sys.executable, "-m", "launch.train", "--gin_file=configs/experiment/demo.gin",
+        f"--workdir={workdir}", "--sample_prompt=",
+    ] + [f"--gin_bindings={b}" for b in bindings]  # fmt: skip
+
+
+def _env():
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _losses(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _wait_for_step(workdir, step, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = glob.glob(str(workdir / "ckpt" / "*" / "commit_success.txt"))
+        if any(int(os.path.basename(os.path.dirname(p))) >= step for p in done):
+            return
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint at step {step}")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_uninterrupted_run(corpus, tmp_path):
+    steps = 18
+    reference = tmp_path / "reference"
+    result = subprocess.run(
+        _command(reference, corpus, tmp_path / "c", steps), cwd=ROOT, env=_env(),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    workdir = tmp_path / "killed"
+    command = _command(workdir, corpus, tmp_path / "c", steps)
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_step(workdir, 6, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    resumed = subprocess.run(
+        command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stdout
+    expected = _losses(reference)
+    assert sorted(expected) == list(range(1, steps + 1))
+    assert _losses(workdir) == expected  # Bit for bit, step for step.
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_42_and_resumes(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    command = _command(workdir, corpus, tmp_path / "c", 400)
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_step(workdir, 3, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 42, stderr[-3000:]
+    saved = Checkpointer(str(workdir), CheckpointConfig()).all_steps()
+    last_logged = max(_losses(workdir))
+    assert saved[-1] == last_logged  # Saved at the step it stopped, not an older one.
+    assert f"saved a checkpoint at step {last_logged}" in stdout
+
+
+def test_reshard_on_restore(data_dir, tmp_path):
+    devices = jax.devices()
+    config = TrainConfig(
+        num_steps=3, batch_size=8, seq_len=32, log_every=3, eval_every=0, mesh_shape=(4, 1, 2),
+        peak_flops_per_device=1e11,
+    )  # fmt: skip
+    _, state, _ = train(
+        MODEL, config, data_dir=data_dir, workdir=str(tmp_path), log=lambda _: None,
+        checkpoint=CheckpointConfig(save_every=3, async_save=True),
+    )  # fmt: skip
+    saved = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
+    for shape, devs in [((2, 1, 4), devices), ((8, 1, 1), devices), ((1, 1, 1), devices[:1])]:
+        mesh = sharding.make_mesh(shape, devices=devs)
+        trainer, fresh = build_trainer(MODEL, config.replace(mesh_shape=shape), mesh)
+        checkpointer = Checkpointer(str(tmp_path), CheckpointConfig())
+        iterator = iter(make_dataset(data_dir, "train", seq_len=32, batch_size=8))
+        params, _ = checkpointer.restore(
+            3, abstract_with_shardings(fresh, trainer.shardings), iterator
+        )
+        checkpointer.close()
+        for leaf, want in zip(jax.tree.leaves(params), saved, strict=True):
+            assert leaf.sharding.mesh.shape == mesh.shape
+            np.testing.assert_array_equal(np.asarray(leaf), want)
+    loaded = load_model(
+        str(tmp_path), mesh=sharding.make_mesh((1, 1, 2), devices=devices[:2]), log=lambda _: None
+    )
+    assert loaded.step == 3 and loaded.model_config == MODEL
+    for leaf, want in zip(jax.tree.leaves(loaded.params), saved, strict=True):
+        np.testing.assert_array_equal(np.asarray(leaf), want)
+
+
+def _train_steps(data_dir, workdir, steps, **kwargs):
+    config = TrainConfig(
+        num_steps=steps, batch_size=8, seq_len=32, log_every=1, eval_every=0,
+        mesh_shape=(-1, 1, 1), peak_flops_per_device=1e11,
+    )  # fmt: skip
+    return train(
+        kwargs.pop("model", MODEL), config, data_dir=data_dir, workdir=str(workdir),
+        log=kwargs.pop("log", lambda _: None),
+        checkpoint=CheckpointConfig(save_every=2, keep=5, async_save=False), **kwargs,
+    )  # fmt: skip
+
+
+def test_corrupt_latest_step_falls_back_with_a_warning(data_dir, tmp_path):
+    _train_steps(data_dir, tmp_path, 4)
+    checkpointer = Checkpointer(str(tmp_path), CheckpointConfig())
+    assert checkpointer.all_steps() == [2, 4]
+    checkpointer.close()
+    # Truncate every array data file of step 4's parameters.
+    files = [
+        path
+        for path in glob.glob(str(tmp_path / "ckpt" / "4" / "params" / "**" / "*"), recursive=True)
+        if os.path.isfile(path) and "/d/" in path
+    ]
+    assert files, "expected array data files under params/"
+    for path in files:
+        with open(path, "r+b") as f:
+            f.truncate(8)
+    warnings = []
+    model, _ = load_model(str(tmp_path), log=warnings.append), None
+    assert model.step == 2
+    assert any("step 4" in w and "unusable" in w for w in warnings)
+    # With every step corrupt: a clear error, never a silent fresh start.
+    for path in glob.glob(str(tmp_path / "ckpt" / "2" / "params" / "**" / "*"), recursive=True):
+        if os.path.isfile(path) and "/d/" in path:
+            os.remove(path)
+    with pytest.raises(UserError, match="no usable checkpoint"):
+        _train_steps(data_dir, tmp_path, 6)
+
+
+def test_half_written_step_is_ignored(data_dir, tmp_path):
+    _train_steps(data_dir, tmp_path, 2)
+    os.makedirs(tmp_path / "ckpt" / "8.orbax-checkpoint-tmp-1234" / "params")
+    checkpointer = Checkpointer(str(tmp_path), CheckpointConfig())
+    assert checkpointer.all_steps() == [2]
+    checkpointer.close()
+    lines = []
+    _, state, _ = _train_steps(data_dir, tmp_path, 4, log=lines.append)
+    assert "resumed from step 2" in "\n".join(lines)
+    assert int(state.step) == 4
+
+
+def test_resume_refuses_a_different_model_shape(data_dir, tmp_path):
+    _train_steps(data_dir, tmp_path, 2)
+    with pytest.raises(UserError, match=r"model.d_model: saved 32, now 48"):
+        _train_steps(data_dir, tmp_path, 4, model=MODEL.replace(d_model=48))
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        load_model(str(tmp_path))
+
+
+def test_restore_latest_usable_on_empty_dir(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path), CheckpointConfig())
+    assert restore_latest_usable(checkpointer, lambda step: step) == (None, None)
+    checkpointer.close()
