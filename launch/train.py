@@ -10,13 +10,15 @@ the final model on the held-out test split and prints a sample.
 
 import json
 import os
-import shutil
 import sys
+import tempfile
 
 from absl import app, flags
+from etils import epath
 
 from launch import cli
 from launch import config as gin_config
+from research import storage
 from research.checkpoint import CheckpointConfig, checkpoint_dir
 from research.data import DataConfig, ensure_prepared
 from research.errors import UserError
@@ -55,10 +57,12 @@ def prepare_run(workdir: str):
             f"train.seq_len={train_config.seq_len} exceeds model.max_seq_len="
             f"{model_config.max_seq_len}; lower train.seq_len or raise model.max_seq_len."
         )
-    os.makedirs(workdir, exist_ok=True)
-    tokenizer.save(os.path.join(workdir, "tokenizer"))
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-        f.write(gin_config.operative_config())
+    workdir_path = epath.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as local:
+        tokenizer.save(local)
+        storage.upload_dir(local, workdir_path / "tokenizer")
+    (workdir_path / "config.gin").write_text(gin_config.operative_config())
     return model_config, train_config, prepared
 
 
@@ -71,9 +75,9 @@ def main(argv):
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
     model_config, train_config, prepared = prepare_run(workdir)
     checkpoint_config = gin_config.build(CheckpointConfig)
-    if FRESH.value and os.path.exists(checkpoint_dir(workdir)):
+    if FRESH.value and epath.Path(checkpoint_dir(workdir)).exists():
         _log(f"--fresh: deleting {checkpoint_dir(workdir)}")
-        shutil.rmtree(checkpoint_dir(workdir))
+        epath.Path(checkpoint_dir(workdir)).rmtree()
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     try:
         trainer, state, _ = train(
@@ -97,8 +101,7 @@ def main(argv):
         f"test split: loss {test['loss']:.4f}  perplexity {test['perplexity']:.2f}  "
         f"accuracy {100 * test['accuracy']:.1f}%  ({int(test['tokens']):,} tokens)"
     )
-    with open(os.path.join(workdir, "eval_test.json"), "w") as f:
-        json.dump(test, f, indent=2)
+    (epath.Path(workdir) / "eval_test.json").write_text(json.dumps(test, indent=2))
     if SAMPLE_PROMPT.value:
         _print_sample(trainer, state, model_config, prepared.tokenizer)
     _log(

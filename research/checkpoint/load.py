@@ -1,9 +1,9 @@
 """Loading a trained model for inference or fine-tuning: parameters only, onto any mesh."""
 
 import dataclasses
-import os
 
 import jax
+from etils import epath
 from flax import nnx
 
 from research import sharding
@@ -16,6 +16,7 @@ from research.checkpoint.manager import (
 from research.data import Tokenizer
 from research.errors import UserError
 from research.model import ModelConfig
+from research.storage import local_copy
 from research.train.state import abstract_model
 
 
@@ -64,8 +65,8 @@ def load_model(workdir: str, *, step: int | None = None, mesh=None, log=print) -
             checkpointer, lambda s: checkpointer.restore_params(s, target), log=log
         )
     checkpointer.close()
-    tokenizer_dir = os.path.join(workdir, "tokenizer")
-    tokenizer = Tokenizer.load(tokenizer_dir) if os.path.exists(tokenizer_dir) else None
+    tokenizer_dir = epath.Path(workdir) / "tokenizer"
+    tokenizer = Tokenizer.load(local_copy(tokenizer_dir)) if tokenizer_dir.exists() else None
     return LoadedModel(
         model_config=model_config,
         graphdef=graphdef,

@@ -17,6 +17,7 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from research.errors import UserError
 
@@ -33,6 +34,26 @@ class CheckpointConfig:
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, "ckpt")
+
+
+def _check_bucket(directory: str) -> None:
+    """A missing or unreachable bucket is a clear error before any work is done."""
+    if "://" not in directory:
+        return
+    scheme, rest = directory.split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    try:
+        exists = epath.Path(bucket).exists()
+    except Exception as error:  # Network down, permission denied: shown to the user.
+        raise UserError(
+            f"cannot reach {bucket} for checkpoints ({type(error).__name__}: {error}); check "
+            f"the credentials, the network and the bucket name in --workdir."
+        ) from error
+    if not exists:
+        raise UserError(
+            f"the bucket {bucket} does not exist (checkpoint directory {directory}); create it "
+            f"or fix --workdir."
+        )
 
 
 def _handlers():
@@ -57,6 +78,7 @@ class Checkpointer:
                 best_mode="min",
                 keep_checkpoints_without_metrics=True,
             )
+        _check_bucket(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep,
             enable_async_checkpointing=config.async_save,

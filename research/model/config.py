@@ -69,6 +69,11 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.num_heads="
                 f"{self.num_heads}; set model.head_dim explicitly."
             )
+        if self.positions == "rope" and self.resolved_head_dim % 2:
+            raise UserError(
+                f"model.head_dim={self.resolved_head_dim} must be even for RoPE (it rotates "
+                f"pairs of dimensions); change model.head_dim or model.num_heads."
+            )
 
     @property
     def resolved_head_dim(self) -> int:

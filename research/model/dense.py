@@ -21,6 +21,8 @@ class Dense(nnx.Module):
       use_bias: add a float32 bias of shape out_features (initialized to zero).
       kernel_init: initializer of the float32 kernel [*in_features, *out_features].
       dtype: compute dtype; the kernel and bias are cast to it at use.
+      out_dtype: dtype of the result (the matmul accumulates into it); default `dtype`.
+        The LM head uses float32 so that bfloat16 compute still gives float32 logits.
     """
 
     def __init__(
@@ -33,10 +35,12 @@ class Dense(nnx.Module):
         use_bias: bool,
         kernel_init: nnx.Initializer,
         dtype=jnp.float32,
+        out_dtype=None,
         rngs: nnx.Rngs,
     ):
         self.num_in = len(in_features)
         self.dtype = dtype
+        self.out_dtype = dtype if out_dtype is None else out_dtype
         self.kernel = param(
             kernel_init, (*in_features, *out_features), (*in_axes, *out_axes), rngs=rngs
         )
@@ -45,11 +49,16 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., *in_features] in the compute dtype -> [..., *out_features] compute dtype."""
+        """x: [..., *in_features] compute dtype -> [..., *out_features] in out_dtype."""
         kernel = self.kernel[...].astype(self.dtype)
         contract_x = tuple(range(x.ndim - self.num_in, x.ndim))
         contract_kernel = tuple(range(self.num_in))
-        y = jax.lax.dot_general(x, kernel, ((contract_x, contract_kernel), ((), ())))
+        y = jax.lax.dot_general(
+            x,
+            kernel,
+            ((contract_x, contract_kernel), ((), ())),
+            preferred_element_type=self.out_dtype,
+        )
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(self.out_dtype)
         return y

@@ -103,6 +103,10 @@ class Decoder(nnx.Module):
 
     Attributes: `embedding` (Embedding), `position_embedding` (LearnedPositions or None),
     `layers` (list of Block), `final_norm`, `lm_head` (Dense [D, V] or None when tied).
+
+    A KV-cache sampler reuses the pieces: `embed`, then per block `attention_norm`,
+    `attention.project_qkv` / `dot_product_attention` over its cache / `attention.project_out`,
+    `mlp_norm` and `mlp` (each added to the residual), then `unembed`.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -130,6 +134,7 @@ class Decoder(nnx.Module):
                 use_bias=False,
                 kernel_init=init,
                 dtype=dtype,
+                out_dtype=jnp.float32,
                 rngs=rngs,
             )
         )
@@ -157,14 +162,9 @@ class Decoder(nnx.Module):
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
         mask_bts = make_attention_mask(segment_ids_bt)
-        x_btd = self.embedding(tokens_bt)
+        x_btd = self.embed(tokens_bt, positions_bt)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            if self.position_embedding is not None:
-                x_btd = x_btd + self.position_embedding.prefix(t)
-        elif self.position_embedding is not None:
-            x_btd = x_btd + self.position_embedding(positions_bt)
-        x_btd = constrain(x_btd, _ACTIVATION_AXES)
 
         def run_block(block, x_btd, positions_bt, mask_bts):
             return block(x_btd, positions_bt, mask_bts)
@@ -173,12 +173,28 @@ class Decoder(nnx.Module):
             run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[self.config.remat])
         for block in self.layers:
             x_btd = run_block(block, x_btd, positions_bt, mask_bts)
+        return self.unembed(x_btd)
 
+    def embed(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+        """Token (+ learned position) embeddings: [B, T] ints -> [B, T, D] compute dtype.
+
+        positions_bt: [B, T] int, or None for arange(T) (a slice of the table, no gather).
+        """
+        x_btd = self.embedding(tokens_bt)
+        if self.position_embedding is not None:
+            if positions_bt is None:
+                x_btd = x_btd + self.position_embedding.prefix(tokens_bt.shape[1])
+            else:
+                x_btd = x_btd + self.position_embedding(positions_bt)
+        return constrain(x_btd, _ACTIVATION_AXES)
+
+    def unembed(self, x_btd: jax.Array) -> jax.Array:
+        """Final norm and LM head (tied or not): [B, T, D] compute dtype -> [B, T, V] float32."""
         x_btd = self.final_norm(x_btd)
         if self.lm_head is None:
             logits_btv = self.embedding.attend(x_btd)
         else:
-            logits_btv = self.lm_head(x_btd).astype(jnp.float32)
+            logits_btv = self.lm_head(x_btd)
         return constrain(logits_btv, ("batch", "seq", "vocab"))
 
 

@@ -6,7 +6,6 @@ itself (research/train/step.py) stays pure.
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -34,7 +33,7 @@ from research.train.metrics_writer import (
     MetricsWriter,
     format_duration,
     plot_loss_curve,
-    read_metrics,
+    truncate_metrics,
 )
 from research.train.optimizer import learning_rate_schedule, make_optimizer
 from research.train.state import TrainState, init_train_state
@@ -393,19 +392,6 @@ def _run(
         checkpointer.wait()
     last["first_step_s"] = first_step_s or 0.0
     return state, last
-
-
-def truncate_metrics(path: str, step: int) -> None:
-    """Drops records after `step` (all of them when step == 0): a resumed run appends from its
-    checkpoint, so the log matches an uninterrupted run step for step."""
-    if not os.path.exists(path):
-        return
-    if step == 0:
-        os.remove(path)
-        return
-    kept = [r for r in read_metrics(path) if r["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
 def _check_finite(step: int, metrics: dict) -> None:

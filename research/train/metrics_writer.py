@@ -1,10 +1,20 @@
-"""Where training metrics go: metrics.jsonl, TensorBoard event files, the console, a PNG plot."""
+"""Where training metrics go: metrics.jsonl, TensorBoard event files, the console, a PNG plot.
 
+The workdir may be local or remote (gs://, s3://): files go through etils.epath. Remote
+TensorBoard events are staged in a local directory and copied up on flush and close.
+"""
+
+import hashlib
+import io
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
+from etils import epath
+
+from research.storage import is_remote, upload_dir
 
 
 class MetricsWriter:
@@ -13,32 +23,58 @@ class MetricsWriter:
     Only process 0 writes; other processes get a writer that does nothing.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, flush_every_s: float = 30.0):
         self.enabled = enabled
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        self.workdir = epath.Path(workdir)
+        self.jsonl_path = self.workdir / "metrics.jsonl"
+        self.tensorboard_dir = self.workdir / "tensorboard"
         self._summary = None
-        if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter  # Imported here: slow, and only process 0.
+        self._records = []  # Remote workdirs: the whole log, rewritten on flush.
+        self._last_flush = time.time()
+        self._flush_every_s = flush_every_s
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if is_remote(workdir):
+            self._records = read_metrics(self.jsonl_path)
+            digest = hashlib.sha1(str(workdir).encode()).hexdigest()[:12]
+            self._local_tensorboard = os.path.join(tempfile.gettempdir(), f"cirrus-tb-{digest}")
+        else:
+            self._local_tensorboard = str(self.tensorboard_dir)
+        from tensorboardX import SummaryWriter  # Imported here: slow, and only process 0.
 
-            self._summary = SummaryWriter(self.tensorboard_dir, flush_secs=10)
+        self._summary = SummaryWriter(self._local_tensorboard, flush_secs=10)
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
             return
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
         for name, value in record.items():
             if name not in ("step", "time") and isinstance(value, (int, float)):
                 self._summary.add_scalar(name, value, int(step))
+        if is_remote(self.workdir):
+            self._records.append(record)
+            if time.time() - self._last_flush > self._flush_every_s:
+                self.flush()
+        else:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def flush(self):
+        if not self.enabled:
+            return
+        self._summary.flush()
+        if is_remote(self.workdir):
+            self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in self._records))
+            upload_dir(self._local_tensorboard, self.tensorboard_dir)
+        self._last_flush = time.time()
 
     def close(self):
         if self._summary is not None:
-            self._summary.flush()
+            self.flush()
             self._summary.close()
+            self._summary = None
 
 
 def _plain(value):
@@ -46,14 +82,24 @@ def _plain(value):
     return round(value, 6) if isinstance(value, float) else value
 
 
-def read_metrics(jsonl_path: str) -> list[dict]:
-    if not os.path.exists(jsonl_path):
+def read_metrics(jsonl_path) -> list[dict]:
+    path = epath.Path(jsonl_path)
+    if not path.exists():
         return []
-    with open(jsonl_path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curve(jsonl_path: str, png_path: str) -> str | None:
+def truncate_metrics(jsonl_path, step: int) -> None:
+    """Drops records after `step` (all of them when step == 0): a resumed run appends from its
+    checkpoint, so the log matches an uninterrupted run step for step."""
+    path = epath.Path(jsonl_path)
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_loss_curve(jsonl_path, png_path) -> str | None:
     """Training (and validation, where computed) loss against step, as a PNG."""
     records = read_metrics(jsonl_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -74,10 +120,13 @@ def plot_loss_curve(jsonl_path: str, png_path: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(png_path), exist_ok=True)
-    fig.savefig(png_path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    return png_path
+    png_path = epath.Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    png_path.write_bytes(buffer.getvalue())
+    return str(png_path)
 
 
 def format_duration(seconds: float) -> str:
