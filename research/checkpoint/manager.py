@@ -18,6 +18,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint import checkpoint_managers
 
 from research.errors import UserError
 
@@ -71,19 +72,22 @@ class Checkpointer:
     def __init__(self, workdir: str, config: CheckpointConfig = CheckpointConfig()):
         self.directory = checkpoint_dir(workdir)
         self.save_every = config.save_every
-        best = {}
-        if config.keep_best:
-            best = dict(
-                best_fn=lambda metrics: metrics.get("val_loss", float("inf")),
-                best_mode="min",
-                keep_checkpoints_without_metrics=True,
-            )
         _check_bucket(self.directory)
+        # The last `keep` steps, plus (optionally) the one with the lowest validation loss.
+        policies = [checkpoint_managers.LatestN(n=config.keep)]
+        if config.keep_best:
+            policies.append(
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics["val_loss"],
+                    reverse=True,  # Orbax keeps the tail of the sorted order: the lowest loss.
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep,
+            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=config.async_save,
             create=True,
-            **best,
         )
         try:
             self.manager = ocp.CheckpointManager(
@@ -110,6 +114,15 @@ class Checkpointer:
             meta=ocp.args.JsonSave({**meta, "step": int(step)}),
         )
         self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def save_params(self, step: int, params, meta: dict):
+        """Saves the `params` and `meta` items alone (an imported model): `load_model` reads
+        it; training cannot resume from it (no optimizer or data state)."""
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            meta=ocp.args.JsonSave({**meta, "step": int(step)}),
+        )
+        self.manager.save(step, args=args, force=True)
 
     def wait(self):
         """Blocks until pending saves are committed; a failed async save raises here."""

@@ -244,3 +244,25 @@ def test_restore_latest_usable_on_empty_dir(tmp_path):
     checkpointer = Checkpointer(str(tmp_path), CheckpointConfig())
     assert restore_latest_usable(checkpointer, lambda step: step) == (None, None)
     checkpointer.close()
+
+
+def test_keeps_the_last_k_plus_the_best_validation_step(tmp_path):
+    import flax
+    import grain
+    import jax.numpy as jnp
+
+    @flax.struct.dataclass
+    class State:
+        params: dict
+        opt_state: dict
+
+    checkpointer = Checkpointer(str(tmp_path), CheckpointConfig(keep=1, keep_best=True))
+    iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+    kept = []
+    for step, val_loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 4.0)]:
+        state = State({"w": jnp.full(3, float(step))}, {"m": jnp.zeros(2)})
+        checkpointer.save(step, state, iterator, {}, metrics={"val_loss": val_loss})
+        checkpointer.wait()
+        kept.append(checkpointer.all_steps())
+    checkpointer.close()
+    assert kept == [[1], [2], [2, 3], [2, 4]]  # Step 2 has the best validation loss.
