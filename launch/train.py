@@ -33,6 +33,12 @@ SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 96, "New tokens in the fin
 FRESH = flags.DEFINE_bool(
     "fresh", False, "Delete the workdir's checkpoints and start from step 0 instead of resuming."
 )
+INIT_FROM = flags.DEFINE_string(
+    "init_from",
+    None,
+    "Start from pretrained weights: a Cirrus workdir, a Hugging Face model directory or a "
+    ".gguf file. Its model shape and tokenizer replace the gin model.* and data.tokenizer_path.",
+)
 
 
 def _log(message: str) -> None:
@@ -73,6 +79,7 @@ def main(argv):
     if not workdir:
         raise UserError("--workdir is required: the directory for this run's outputs.")
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
+    init_params = _init_from(INIT_FROM.value) if INIT_FROM.value else None
     model_config, train_config, prepared = prepare_run(workdir)
     checkpoint_config = gin_config.build(CheckpointConfig)
     if FRESH.value and epath.Path(checkpoint_dir(workdir)).exists():
@@ -89,6 +96,7 @@ def main(argv):
             checkpoint=checkpoint_config,
             meta={"config_gin": gin_config.operative_config()},
             preemption=PreemptionNotice().install(),
+            init_params=init_params,
         )
     except NonFiniteLossError as error:
         raise UserError(str(error)) from None
@@ -133,6 +141,49 @@ def _print_sample(trainer, state, model_config, tokenizer):
         new_ids = new_ids[: new_ids.index(tokenizer.eos_id)]
     _log("\n--- sample (temperature 0.8) ---\n" + SAMPLE_PROMPT.value + tokenizer.decode(new_ids))
     _log("--- end of sample ---")
+
+
+# --- --init_from: fine-tuning from pretrained weights -------------------------------------------
+
+# Set by the run's gin config even under --init_from: how to compute, not what the model is.
+_RUN_MODEL_FIELDS = ("dtype", "remat")
+
+
+def _init_from(source: str):
+    """Loads pretrained weights and binds their shape (model.*) and tokenizer
+    (data.tokenizer_path) into gin before the configs are built; returns the parameters."""
+    import dataclasses
+
+    import gin
+
+    from research.checkpoint import load_pretrained
+
+    pretrained = load_pretrained(source, log=_log)
+    config = pretrained.model_config
+    data_config = gin_config.build(DataConfig)
+    with gin.unlock_config():
+        for field in dataclasses.fields(ModelConfig):
+            if field.name not in _RUN_MODEL_FIELDS:
+                gin.bind_parameter(f"model.{field.name}", getattr(config, field.name))
+        if data_config.tokenizer_path:
+            _log(
+                f"--init_from: keeping data.tokenizer_path={data_config.tokenizer_path!r}; it "
+                "must be the tokenizer the pretrained model was trained with."
+            )
+        else:
+            tokenizer_dir = pretrained.local_tokenizer_dir(data_config.cache_root())
+            if tokenizer_dir is None:
+                raise UserError(
+                    f"--init_from={source} has no tokenizer; set data.tokenizer_path to the "
+                    "tokenizer the model was trained with."
+                )
+            gin.bind_parameter("data.tokenizer_path", tokenizer_dir)
+    _log(
+        f"--init_from: {pretrained.source['format']} {source} "
+        f"({config.num_layers} layers, d_model {config.d_model}, vocab {config.vocab_size}); "
+        "its shape overrides gin's model.* settings"
+    )
+    return pretrained.params
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
-"""Checkpoints: Orbax save/restore of training runs (local, gs://, s3://)."""
+"""Checkpoints: Orbax save/restore of training runs (local, gs://, s3://), and model
+interchange: Hugging Face safetensors import/export (hf.py), GGUF import (gguf.py), and
+pretrained weights from any of them or a Cirrus run (pretrained.py)."""
 
+from research.checkpoint.hf import load_hf, save_hf
 from research.checkpoint.load import LoadedModel, load_model, param_shardings
 from research.checkpoint.manager import (
     CheckpointConfig,
@@ -8,14 +11,20 @@ from research.checkpoint.manager import (
     checkpoint_dir,
     restore_latest_usable,
 )
+from research.checkpoint.pretrained import Pretrained, load_pretrained, save_as_run
 
 __all__ = [
     "CheckpointConfig",
     "Checkpointer",
     "LoadedModel",
+    "Pretrained",
+    "load_hf",
     "load_model",
+    "load_pretrained",
     "param_shardings",
     "abstract_with_shardings",
     "checkpoint_dir",
     "restore_latest_usable",
+    "save_as_run",
+    "save_hf",
 ]

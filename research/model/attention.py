@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.model.dense import Dense
-from research.model.positional import apply_rope
+from research.model.positional import RopeScaling, apply_rope
 
 # Finite, so a fully masked row gives a uniform softmax instead of NaN.
 _MASK_VALUE = -1e30
@@ -168,6 +168,7 @@ class Attention(nnx.Module):
     Args:
       dim: D. num_heads: N. num_kv_heads: K. head_dim: H.
       rope_theta: RoPE base applied to q and k; None for no rotary embedding (learned positions).
+      rope_scaling: Llama 3.1 RoPE frequency scaling, or None.
       use_bias: biases on q, k, v and o (GPT-2).
       qkv_bias: biases on q, k, v only (Qwen2).
       kernel_init: initializer of the q, k, v kernels.
@@ -188,9 +189,11 @@ class Attention(nnx.Module):
         kernel_init: nnx.Initializer,
         out_init: nnx.Initializer,
         dtype=jnp.float32,
+        rope_scaling: RopeScaling | None = None,
         rngs: nnx.Rngs,
     ):
         self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
         into = dict(
             in_axes=("embed",),
             use_bias=use_bias or qkv_bias,
@@ -222,8 +225,9 @@ class Attention(nnx.Module):
         """
         q_btnh, k_btkh, v_btkh = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
         if self.rope_theta is not None:
-            q_btnh = apply_rope(q_btnh, positions_bt, theta=self.rope_theta)
-            k_btkh = apply_rope(k_btkh, positions_bt, theta=self.rope_theta)
+            rope = dict(theta=self.rope_theta, scaling=self.rope_scaling)
+            q_btnh = apply_rope(q_btnh, positions_bt, **rope)
+            k_btkh = apply_rope(k_btkh, positions_bt, **rope)
         return q_btnh, k_btkh, v_btkh
 
     def project_out(self, y_btnh: jax.Array) -> jax.Array:

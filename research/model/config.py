@@ -31,6 +31,11 @@ class ModelConfig:
     head_dim: int = 0  # 0 means d_model // num_heads.
     positions: str = "rope"
     rope_theta: float = 10_000.0
+    # Llama 3.1+ RoPE frequency scaling (HF rope_type "llama3"); factor 0 turns it off.
+    rope_scaling_factor: float = 0.0
+    rope_scaling_low_freq: float = 1.0
+    rope_scaling_high_freq: float = 4.0
+    rope_scaling_original_len: int = 8192
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     mlp_activation: str = "swiglu"
@@ -73,6 +78,18 @@ class ModelConfig:
             raise UserError(
                 f"model.head_dim={self.resolved_head_dim} must be even for RoPE (it rotates "
                 f"pairs of dimensions); change model.head_dim or model.num_heads."
+            )
+
+        if self.rope_scaling_factor and not (
+            self.rope_scaling_factor >= 1
+            and 0 < self.rope_scaling_low_freq < self.rope_scaling_high_freq
+            and self.rope_scaling_original_len > 0
+        ):
+            raise UserError(
+                f"model.rope_scaling_factor={self.rope_scaling_factor} needs factor >= 1, "
+                f"0 < model.rope_scaling_low_freq ({self.rope_scaling_low_freq}) < "
+                f"model.rope_scaling_high_freq ({self.rope_scaling_high_freq}) and a positive "
+                f"model.rope_scaling_original_len ({self.rope_scaling_original_len})."
             )
 
     @property

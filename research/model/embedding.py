@@ -25,8 +25,8 @@ class Embedding(nnx.Module):
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         """tokens: [B, T] int in [0, V) -> [B, T, D] compute dtype."""
-        table = self.embedding[...].astype(self.dtype)
-        return jnp.take(table, tokens_bt, axis=0, mode="clip")
+        # Gather, then cast: casting the whole [V, D] table first would touch all of it.
+        return jnp.take(self.embedding[...], tokens_bt, axis=0, mode="clip").astype(self.dtype)
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
         """Logits against the table (tied LM head): x [B, T, D] compute dtype -> [B, T, V] f32."""

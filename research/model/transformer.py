@@ -15,7 +15,7 @@ from research.model.dense import Dense
 from research.model.embedding import Embedding
 from research.model.mlp import GeluMLP, SwiGLU
 from research.model.norm import LayerNorm, RMSNorm
-from research.model.positional import LearnedPositions
+from research.model.positional import LearnedPositions, RopeScaling
 from research.sharding import constrain
 
 _ACTIVATION_AXES = ("batch", "seq", "act_embed")
@@ -61,6 +61,17 @@ def _norm(config: ModelConfig, rngs: nnx.Rngs):
     return norm(config.d_model, eps=config.norm_eps, rngs=rngs)
 
 
+def _rope_scaling(config: ModelConfig) -> RopeScaling | None:
+    if not config.rope_scaling_factor:
+        return None
+    return RopeScaling(
+        factor=config.rope_scaling_factor,
+        low_freq_factor=config.rope_scaling_low_freq,
+        high_freq_factor=config.rope_scaling_high_freq,
+        original_max_len=config.rope_scaling_original_len,
+    )
+
+
 def _block(config: ModelConfig, rngs: nnx.Rngs) -> Block:
     dtype = jnp.dtype(config.dtype)
     kernel_init = _initializer(config.init, config.init_std)
@@ -74,6 +85,7 @@ def _block(config: ModelConfig, rngs: nnx.Rngs) -> Block:
         config.num_kv_heads,
         config.resolved_head_dim,
         rope_theta=config.rope_theta if config.positions == "rope" else None,
+        rope_scaling=_rope_scaling(config),
         use_bias=config.use_bias,
         qkv_bias=config.qkv_bias,
         kernel_init=kernel_init,
