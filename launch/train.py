@@ -16,7 +16,7 @@ import tempfile
 from absl import app, flags
 from etils import epath
 
-from launch import cli
+from launch import cli, distributed
 from launch import config as gin_config
 from research import storage
 from research.checkpoint import CheckpointConfig, checkpoint_dir
@@ -65,14 +65,16 @@ def prepare_run(workdir: str):
         )
     workdir_path = epath.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as local:
-        tokenizer.save(local)
-        storage.upload_dir(local, workdir_path / "tokenizer")
-    (workdir_path / "config.gin").write_text(gin_config.operative_config())
+    if distributed.is_chief():  # Shared files: one writer.
+        with tempfile.TemporaryDirectory() as local:
+            tokenizer.save(local)
+            storage.upload_dir(local, workdir_path / "tokenizer")
+        (workdir_path / "config.gin").write_text(gin_config.operative_config())
     return model_config, train_config, prepared
 
 
 def main(argv):
+    distributed.initialize(log=_log)  # Before any JAX computation (launch/distributed.py).
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; pass settings as --gin_bindings.")
     workdir = cli.WORKDIR.value
@@ -82,9 +84,11 @@ def main(argv):
     init_params = _init_from(INIT_FROM.value) if INIT_FROM.value else None
     model_config, train_config, prepared = prepare_run(workdir)
     checkpoint_config = gin_config.build(CheckpointConfig)
-    if FRESH.value and epath.Path(checkpoint_dir(workdir)).exists():
+    if FRESH.value and distributed.is_chief() and epath.Path(checkpoint_dir(workdir)).exists():
         _log(f"--fresh: deleting {checkpoint_dir(workdir)}")
         epath.Path(checkpoint_dir(workdir)).rmtree()
+    if FRESH.value:
+        distributed.barrier("fresh")  # No host restores while the chief deletes.
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     try:
         trainer, state, _ = train(
@@ -109,9 +113,13 @@ def main(argv):
         f"test split: loss {test['loss']:.4f}  perplexity {test['perplexity']:.2f}  "
         f"accuracy {100 * test['accuracy']:.1f}%  ({int(test['tokens']):,} tokens)"
     )
+    # Parameters sharded over other hosts are gathered by every host (a collective) first.
+    sample_params = _host_params(state.params) if SAMPLE_PROMPT.value else None
+    if not distributed.is_chief():
+        return
     (epath.Path(workdir) / "eval_test.json").write_text(json.dumps(test, indent=2))
     if SAMPLE_PROMPT.value:
-        _print_sample(trainer, state, model_config, prepared.tokenizer)
+        _print_sample(trainer, sample_params, model_config, prepared.tokenizer)
     _log(
         f"\nworkdir      {os.path.abspath(workdir)}\n"
         f"config       {os.path.join(workdir, 'config.gin')}\n"
@@ -121,13 +129,19 @@ def main(argv):
     )
 
 
-def _print_sample(trainer, state, model_config, tokenizer):
+def _host_params(params):
     import jax
+    from jax.experimental import multihost_utils
 
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
+
+
+def _print_sample(trainer, params, model_config, tokenizer):
     from research.serving import generate_reference
 
     prompt_ids = [tokenizer.bos_id] + tokenizer.encode(SAMPLE_PROMPT.value)
-    params = jax.device_get(state.params)
     new_ids = generate_reference(
         trainer.graphdef,
         params,
@@ -187,4 +201,4 @@ def _init_from(source: str):
 
 
 if __name__ == "__main__":
-    app.run(cli.guarded(main))
+    app.run(distributed.exit_promptly(cli.guarded(main)))

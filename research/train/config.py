@@ -37,9 +37,22 @@ class TrainConfig:
     eval_batches: int = 8  # Validation batches per periodic evaluation (0 = whole split).
     # Peak FLOP/s per device for MFU; 0 measures a matmul peak on the first device at start.
     peak_flops_per_device: float = 0.0
+    # Multi-host: every process all-gathers its SIGTERM flag every this many steps, so all
+    # hosts save the same step and exit 42 together (a notice waits at most this many steps).
+    preemption_sync_every: int = 1
+    # Step watchdog: dump all thread stacks and exit (code 3) when no step completes within
+    # this many seconds, e.g. a collective waiting on a dead host. 0 = off.
+    watchdog_s: float = 0.0
 
     def __post_init__(self):
-        for name in ("num_steps", "batch_size", "seq_len", "micro_batches", "log_every"):
+        for name in (
+            "num_steps",
+            "batch_size",
+            "seq_len",
+            "micro_batches",
+            "log_every",
+            "preemption_sync_every",
+        ):
             if getattr(self, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}.")
         if self.batch_size % self.micro_batches:
@@ -48,6 +61,8 @@ class TrainConfig:
                 f"train.micro_batches={self.micro_batches}; pick a batch size that is a "
                 f"multiple of the number of micro-batches."
             )
+        if self.watchdog_s < 0:
+            raise UserError(f"train.watchdog_s must be >= 0 (0 = off), got {self.watchdog_s}.")
         if self.schedule not in SCHEDULES:
             raise UserError(f"train.schedule={self.schedule!r} is not one of {SCHEDULES}.")
         if self.learning_rate <= 0:

@@ -5,16 +5,20 @@ itself (research/train/step.py) stays pure.
 """
 
 import dataclasses
+import faulthandler
 import functools
 import math
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from research import sharding
 from research.checkpoint.manager import (
@@ -25,6 +29,8 @@ from research.checkpoint.manager import (
     restore_latest_usable,
 )
 from research.data import make_dataset
+from research.data.pipeline import FEATURES
+from research.data.prepare import load_prepared
 from research.errors import UserError
 from research.model import ModelConfig, flops_per_token
 from research.train import flops
@@ -117,8 +123,15 @@ def build_trainer(model_config: ModelConfig, config: TrainConfig, mesh=None) -> 
 
 
 def evaluate(trainer: Trainer, params, batches) -> dict:
-    """Loss, perplexity and next-token accuracy over an iterable of host-local batches."""
+    """Loss, perplexity and next-token accuracy over an iterable of host-local batches.
+
+    With several processes every host runs the same number of eval steps: hosts whose
+    batches ran out feed zero-weight batches until every host is exhausted (hosts hold
+    disjoint documents, so they may get different numbers of batches).
+    """
     totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    if jax.process_count() > 1:
+        batches = _lockstep(batches, getattr(batches, "zero_batch", None))
     with jax.set_mesh(trainer.mesh):
         for batch in batches:
             sums = trainer.eval_step(params, sharding.global_batch(trainer.mesh, batch))
@@ -134,20 +147,62 @@ def evaluate(trainer: Trainer, params, batches) -> dict:
     }
 
 
-def eval_batches(data_dir: str, split: str, config: TrainConfig, max_batches: int = 0):
-    """The first `max_batches` (0 = all) batches of a split, in file order, padded."""
-    dataset = make_dataset(
-        data_dir,
-        split,
-        seq_len=config.seq_len,
-        batch_size=config.batch_size // jax.process_count(),
-        shuffle=False,
-        num_epochs=1,
-    )
-    for index, batch in enumerate(dataset):
-        if max_batches and index >= max_batches:
+def _lockstep(batches, zero_batch=None):
+    """Host batches, then zero-weight batches, until no process has a batch left."""
+    iterator = iter(batches)
+    padding = zero_batch() if zero_batch is not None else None
+    while True:
+        batch = next(iterator, None)
+        if batch is not None and padding is None:
+            padding = {name: np.zeros_like(value) for name, value in batch.items()}
+        have = multihost_utils.process_allgather(np.int32(batch is not None))
+        if not np.any(have):
             return
+        if batch is None:
+            if padding is None:
+                raise RuntimeError(
+                    "this host has no evaluation batch to shape its padding on; pass batches "
+                    "with a zero_batch() (see eval_batches)."
+                )
+            batch = padding
         yield batch
+
+
+class eval_batches:  # noqa: N801 - used like the generator function it replaces.
+    """The first `max_batches` (0 = all) batches of this host's share of a split, in file
+    order, the last one padded.
+
+    A host whose share of the split is empty (fewer documents than processes) yields
+    nothing; `zero_batch` gives the all-padding batch it feeds in a multi-host evaluation.
+    """
+
+    def __init__(self, data_dir: str, split: str, config: TrainConfig, max_batches: int = 0):
+        self.data_dir, self.split, self.max_batches = data_dir, split, max_batches
+        self.batch_size = config.batch_size // jax.process_count()
+        self.seq_len = config.seq_len
+
+    def zero_batch(self) -> dict:
+        shape = (self.batch_size, self.seq_len)
+        batch = {name: np.zeros(shape, np.int32) for name in FEATURES}
+        batch["weights"] = np.zeros(shape, np.float32)
+        return batch
+
+    def __iter__(self):
+        num_documents = load_prepared(self.data_dir).num_documents(self.split)
+        if jax.process_count() > 1 and jax.process_index() >= num_documents:
+            return  # Documents go to hosts round-robin: this host has none.
+        dataset = make_dataset(
+            self.data_dir,
+            self.split,
+            seq_len=self.seq_len,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_epochs=1,
+        )
+        for index, batch in enumerate(dataset):
+            if self.max_batches and index >= self.max_batches:
+                return
+            yield batch
 
 
 class Preempted(Exception):
@@ -170,6 +225,59 @@ class PreemptionNotice:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+
+def _preemption_agreed(preemption, step: int, every: int) -> bool:
+    """Whether ANY process got a preemption notice; every process gets the same answer.
+
+    Single-process runs read the local flag. With several processes the flags are
+    all-gathered every `every` steps (the same steps on every host), so all hosts save the
+    same step and exit together.
+    """
+    local = preemption is not None and preemption.requested
+    if jax.process_count() == 1:
+        return local
+    if step % every:
+        return False
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+
+class Watchdog:
+    """Dumps every thread's stack and exits when no step completes within `timeout_s`.
+
+    A hung collective (a dead or stuck peer) otherwise waits forever. Armed by the first
+    `beat()` (after the first step has compiled); evaluation and saves also beat.
+    """
+
+    EXIT_CODE = 3
+
+    def __init__(self, timeout_s: float, log: Callable[[str], None] = print):
+        self.timeout_s = timeout_s
+        self.log = log
+        self._last = None
+        self._stop = threading.Event()
+        self._thread = None
+        if timeout_s > 0:
+            self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
+            self._thread.start()
+
+    def beat(self):
+        self._last = time.monotonic()
+
+    def stop(self):
+        self._stop.set()
+
+    def _watch(self):
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            if self._last is not None and time.monotonic() - self._last > self.timeout_s:
+                self.log(
+                    f"watchdog: no training step completed in {self.timeout_s:g}s "
+                    f"(train.watchdog_s); dumping all thread stacks and exiting with code "
+                    f"{self.EXIT_CODE}"
+                )
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                os._exit(self.EXIT_CODE)
 
 
 def train(
@@ -324,72 +432,83 @@ def _run(
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
     first_step_s = None
-    with jax.set_mesh(mesh):
-        for step in range(start_step, config.num_steps):
-            batch = sharding.global_batch(mesh, next(iterator))
-            state, metrics = trainer.train_step(state, batch)
-            if first_step_s is None:
-                jax.block_until_ready(metrics["loss"])
-                first_step_s = time.perf_counter() - run_start
-                log(f"step {step + 1}: compiled and ran the first step in {first_step_s:.1f}s")
-                window_start, window_steps = time.perf_counter(), 0
-            else:
-                window_steps += 1
-            if pending is not None:
-                _check_finite(*pending)
-            pending = (step + 1, metrics)
-            done = step + 1
-            record = None
-            if done % config.log_every == 0 or done == config.num_steps:
-                _check_finite(*pending)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * tokens_per_step / elapsed if window_steps else 0.0
-                record = {
-                    "loss": float(metrics["loss"]),
-                    "accuracy": float(metrics["accuracy"]),
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "learning_rate": float(trainer.schedule(done - 1)),
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * flops_token / peak if peak else 0.0,
-                }
-                if config.eval_every and (
-                    done % config.eval_every == 0 or done == config.num_steps
-                ):
-                    val = evaluate(
-                        trainer,
-                        state.params,
-                        eval_batches(data_dir, "validation", config, config.eval_batches),
+    watchdog = Watchdog(config.watchdog_s, log)
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start_step, config.num_steps):
+                batch = sharding.global_batch(mesh, next(iterator))
+                state, metrics = trainer.train_step(state, batch)
+                if first_step_s is None:
+                    jax.block_until_ready(metrics["loss"])
+                    first_step_s = time.perf_counter() - run_start
+                    log(f"step {step + 1}: compiled and ran the first step in {first_step_s:.1f}s")
+                    watchdog.beat()
+                    window_start, window_steps = time.perf_counter(), 0
+                else:
+                    window_steps += 1
+                if pending is not None:
+                    _check_finite(*pending)  # Waits for the previous step: it completed.
+                    watchdog.beat()
+                pending = (step + 1, metrics)
+                done = step + 1
+                record = None
+                if done % config.log_every == 0 or done == config.num_steps:
+                    _check_finite(*pending)
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_steps * tokens_per_step / elapsed if window_steps else 0.0
+                    record = {
+                        "loss": float(metrics["loss"]),
+                        "accuracy": float(metrics["accuracy"]),
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "learning_rate": float(trainer.schedule(done - 1)),
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": tokens_per_s * flops_token / peak if peak else 0.0,
+                    }
+                    if config.eval_every and (
+                        done % config.eval_every == 0 or done == config.num_steps
+                    ):
+                        val = evaluate(
+                            trainer,
+                            state.params,
+                            eval_batches(data_dir, "validation", config, config.eval_batches),
+                        )
+                        record["val_loss"] = val["loss"]
+                        record["val_accuracy"] = val["accuracy"]
+                        watchdog.beat()
+                    writer.write(done, record)
+                    remaining = config.num_steps - done
+                    eta = remaining * tokens_per_step / tokens_per_s if tokens_per_s else 0.0
+                    log(
+                        f"step {done}/{config.num_steps}  loss {record['loss']:.4f}"
+                        + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else "")
+                        + f"  lr {record['learning_rate']:.2e}  {tokens_per_s:,.0f} tok/s"
+                        + f"  MFU {100 * record['mfu']:.1f}%  ETA {format_duration(eta)}"
                     )
-                    record["val_loss"] = val["loss"]
-                    record["val_accuracy"] = val["accuracy"]
-                writer.write(done, record)
-                remaining = config.num_steps - done
-                eta = remaining * tokens_per_step / tokens_per_s if tokens_per_s else 0.0
-                log(
-                    f"step {done}/{config.num_steps}  loss {record['loss']:.4f}"
-                    + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else "")
-                    + f"  lr {record['learning_rate']:.2e}  {tokens_per_s:,.0f} tok/s"
-                    + f"  MFU {100 * record['mfu']:.1f}%  ETA {format_duration(eta)}"
-                )
-                last = record
-                window_start, window_steps = time.perf_counter(), 0
-            preempted = preemption is not None and preemption.requested
-            if checkpointer and (done % save_every == 0 or done == config.num_steps or preempted):
-                _check_finite(*pending)  # Never save a state whose loss is NaN.
-                val_loss = (record or {}).get("val_loss")
-                checkpointer.save(
-                    done,
-                    state,
-                    iterator,
-                    meta,
-                    metrics={"val_loss": val_loss} if val_loss is not None else None,
-                )
-            if preempted:
-                if checkpointer:
-                    checkpointer.wait()
-                raise Preempted(done)
-    if checkpointer:
-        checkpointer.wait()
+                    last = record
+                    window_start, window_steps = time.perf_counter(), 0
+                # Every process must agree, or hosts save different steps and a collective hangs.
+                preempted = _preemption_agreed(preemption, done, config.preemption_sync_every)
+                if checkpointer and (
+                    done % save_every == 0 or done == config.num_steps or preempted
+                ):
+                    _check_finite(*pending)  # Never save a state whose loss is NaN.
+                    val_loss = (record or {}).get("val_loss")
+                    checkpointer.save(
+                        done,
+                        state,
+                        iterator,
+                        meta,
+                        metrics={"val_loss": val_loss} if val_loss is not None else None,
+                    )
+                    watchdog.beat()
+                if preempted:
+                    if checkpointer:
+                        checkpointer.wait()
+                    raise Preempted(done)
+        if checkpointer:
+            checkpointer.wait()
+    finally:
+        watchdog.stop()
     last["first_step_s"] = first_step_s or 0.0
     return state, last
 
