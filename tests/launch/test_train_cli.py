@@ -86,6 +86,8 @@ def test_train_cli_end_to_end(corpus, tmp_path):
         (["train.num_stpes = 3"], "num_stpes"),
         (["train.batch_size = 6", "train.mesh_shape = (4, 1, 1)"], "train.batch_size"),
         (["data.sources = ('/nonexistent/corpus',)"], "/nonexistent/corpus"),
+        (["train.mesh_shape = (3, 1, 1)"], "train.mesh_shape"),
+        (["model.vocab_size = 100"], "model.vocab_size"),
     ],
 )
 def test_user_errors_exit_1_with_a_message(bindings, fragment, tmp_path):
