@@ -234,7 +234,10 @@ def run_sweep(argv) -> int:
     if not root:
         raise UserError("--root is required: the directory that holds the sweep's trials.")
     if BACKEND.value == "pod":
-        raise UserError("--backend=pod needs launch.pod, which is not available yet; use local.")
+        raise UserError(
+            "--backend=pod is not wired to launch.pod yet (trials need gs:// workdirs and "
+            "--tpu/--zone/--project); run each trial with `python -m launch.pod`."
+        )
     gin_files, gin_bindings = cli.GIN_FILES.value, cli.GIN_BINDINGS.value
     train_args = list(argv[1:])
     sweeps = parse_sweeps(SWEEP.value)

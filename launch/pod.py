@@ -1,0 +1,621 @@
+"""A training job on a Cloud TPU VM slice (queued resource), or its `xpk` equivalent for GKE.
+
+  python -m launch.pod --tpu=v5p-64 --zone=us-east5-a --project=my-project [--spot] \
+      --gin_file=configs/experiment/demo.gin --workdir=gs://bucket/run [--dry_run] -- [train flags]
+
+Steps, each one gcloud command (printed as exact argv with --dry_run, which runs nothing and
+needs no gcloud): describe / create the queued resource (reused when it is ACTIVE) and poll
+until ACTIVE; scp a tarball of the code plus the rendered per-worker script to every worker;
+run the script's `fingerprint` mode on every worker (python, jax, jaxlib, libtpu, code hash;
+workers that differ abort the launch); run its `run` mode on every worker, which starts
+`launch.train` with CIRRUS_DISTRIBUTED=auto (launch/distributed.py); copy the per-worker logs
+from <workdir>/logs; delete the queued resource after a successful run (unless
+--keep_resource).
+
+The per-worker script is idempotent (a pid file per run id: a second start waits for the first
+and reports its exit code), clears stale holders of /dev/accel* and /dev/vfio and the libtpu
+lock file, and maps exit codes so that ssh never exits 255 (gcloud re-runs such a command):
+0, 1 and 42 pass through, anything else becomes 2.
+
+Supervisor: a run ending in 42 / 137 / 143, or failing while the queued resource is no longer
+ACTIVE (a preempted spot slice), is restarted (the resource recreated when needed) up to
+--preemption_budget times, other failures up to --failure_budget times; the run id and workdir
+stay the same, so every restart resumes from the last checkpoint.
+
+--backend=xpk prints (or runs) `xpk workload create` for an existing GKE cluster instead.
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+from absl import app, flags
+
+from launch import cli, distributed
+from launch import config as gin_config
+from research import sharding
+from research.errors import UserError
+from research.train import TrainConfig
+
+EXIT_FAILED = 2
+RESTART_CODES = (cli.EXIT_PREEMPTED, 137, 143)
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuType:
+    name: str
+    chips: int  # JAX devices of the slice (one per chip; v4 / v5p megacore).
+    hosts: int  # TPU VM workers.
+
+
+def _tpu_types() -> dict[str, TpuType]:
+    types = {}
+    # v4 and v5p are named by TensorCores (2 per chip), 4 chips per host.
+    for family, sizes in (
+        ("v4", [2**k for k in range(3, 13)]),
+        ("v5p", [2**k for k in range(3, 14)] + [12288]),
+    ):
+        for cores in sizes:
+            chips = cores // 2
+            types[f"{family}-{cores}"] = TpuType(f"{family}-{cores}", chips, max(1, chips // 4))
+    # v5e / v6e are named by chips: up to 8 chips on one host, then 4 per host.
+    for family in ("v5litepod", "v6e"):
+        for chips in (1, 4, 8, 16, 32, 64, 128, 256):
+            name = f"{family}-{chips}"
+            types[name] = TpuType(name, chips, 1 if chips <= 8 else chips // 4)
+    return types
+
+
+TPU_TYPES = _tpu_types()
+DEFAULT_RUNTIME = {
+    "v4": "tpu-ubuntu2204-base",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+    "v5p": "v2-alpha-tpuv5",
+    "v6e": "v2-alpha-tpuv6e",
+}
+DEFAULT_SETUP = "python3 -m pip install --quiet -r requirements.txt 'jax[tpu]'"
+
+
+@dataclasses.dataclass(frozen=True)
+class PodJob:
+    """Everything a pod launch needs; built from flags by `main`, validated by `validate`."""
+
+    tpu: str
+    zone: str
+    project: str
+    workdir: str
+    name: str
+    run_id: str
+    runtime_version: str
+    provisioning: str = "standard"  # standard | spot | reserved | best_effort
+    gin_files: tuple = ()
+    gin_bindings: tuple = ()
+    train_args: tuple = ()
+    setup_command: str = DEFAULT_SETUP
+    python: str = "python3"
+
+    @property
+    def stage(self) -> str:
+        """Where the tarball and script land on each worker (the ssh user's home)."""
+        return f"cirrus-{self.run_id}"
+
+
+def default_run_id(workdir: str) -> str:
+    return "pod-" + hashlib.sha1(workdir.encode()).hexdigest()[:10]
+
+
+def validate(
+    tpu, zone, project, workdir, name, gin_files, gin_bindings, provisioning_flags=()
+) -> TpuType:
+    """Every check that can fail before anything is created; returns the slice's type."""
+    if tpu not in TPU_TYPES:
+        family = tpu.split("-")[0]
+        known = sorted((t for t in TPU_TYPES if t.startswith(family + "-")), key=_size)
+        hint = ", ".join(known) if known else ", ".join(f"{f}-N" for f in DEFAULT_RUNTIME)
+        raise UserError(f"--tpu={tpu} is not a known TPU type; known: {hint}.")
+    if not project:
+        raise UserError("--project is required: the Google Cloud project of the TPU.")
+    if not zone:
+        raise UserError("--zone is required: the zone of the TPU, e.g. us-east5-a.")
+    if not workdir or not workdir.startswith("gs://"):
+        raise UserError(
+            f"--workdir={workdir} must be a gs:// path: every TPU worker reads and writes it "
+            "(e.g. --workdir=gs://my-bucket/runs/demo)."
+        )
+    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?", name):
+        raise UserError(
+            f"--name={name} must be lowercase letters, digits and hyphens, start with a "
+            "letter, at most 52 characters."
+        )
+    if sum(bool(f) for f in provisioning_flags) > 1:
+        raise UserError("--spot, --reserved and --best_effort exclude each other; pick one.")
+    tpu_type = TPU_TYPES[tpu]
+    gin_config.parse(gin_files, gin_bindings)
+    train_config = gin_config.build(TrainConfig)
+    try:
+        shape = sharding.resolve_mesh_shape(train_config.mesh_shape, tpu_type.chips)
+    except UserError as error:
+        raise UserError(
+            f"--tpu={tpu} has {tpu_type.chips} devices, which cannot fill the mesh: {error} "
+            "Change train.mesh_shape or --tpu."
+        ) from None
+    batch_shards = shape[0] * shape[1]
+    if train_config.batch_size % batch_shards or train_config.batch_size % tpu_type.hosts:
+        raise UserError(
+            f"train.batch_size={train_config.batch_size} must be divisible by the mesh's batch "
+            f"axes (data x fsdp = {batch_shards}) and by the {tpu_type.hosts} hosts of --tpu={tpu}."
+        )
+    return tpu_type
+
+
+def _size(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
+
+
+# ----------------------------------------------------------------------------- gcloud argv
+
+
+def _where(job: PodJob) -> list[str]:
+    return [f"--zone={job.zone}", f"--project={job.project}"]
+
+
+def create_argv(job: PodJob) -> list[str]:
+    """`queued-resources create`; best-effort exists only in the alpha track (v2alpha1)."""
+    track = ["alpha"] if job.provisioning == "best_effort" else []
+    argv = ["gcloud", *track, "compute", "tpus", "queued-resources", "create", job.name]
+    argv += [
+        f"--node-id={job.name}",
+        f"--accelerator-type={job.tpu}",
+        f"--runtime-version={job.runtime_version}",
+    ]
+    if job.provisioning != "standard":
+        argv.append("--" + job.provisioning.replace("_", "-"))
+    return argv + _where(job)
+
+
+def describe_argv(job: PodJob) -> list[str]:
+    return [
+        "gcloud", "compute", "tpus", "queued-resources", "describe", job.name,
+        "--format=value(state.state)", *_where(job),
+    ]  # fmt: skip
+
+
+def delete_argv(job: PodJob) -> list[str]:
+    return [
+        "gcloud", "compute", "tpus", "queued-resources", "delete", job.name,
+        "--force", "--quiet", *_where(job),
+    ]  # fmt: skip
+
+
+def scp_argv(job: PodJob, tarball: str, script: str) -> list[str]:
+    return [
+        "gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, script, f"{job.name}:~/",
+        "--worker=all", "--recurse", *_where(job),
+    ]  # fmt: skip
+
+
+def ssh_argv(job: PodJob, mode: str) -> list[str]:
+    command = f"bash ~/{job.stage}.sh {mode}"
+    return [
+        "gcloud", "compute", "tpus", "tpu-vm", "ssh", job.name, "--worker=all",
+        f"--command={command}", *_where(job),
+    ]  # fmt: skip
+
+
+def gather_logs_argv(job: PodJob, local_dir: str) -> list[str]:
+    return ["gcloud", "storage", "cp", "--recursive", job.workdir.rstrip("/") + "/logs", local_dir]
+
+
+def train_argv(job: PodJob) -> list[str]:
+    return (
+        [job.python, "-m", "launch.train", f"--workdir={job.workdir}"]
+        + [f"--gin_file={path}" for path in job.gin_files]
+        + [f"--gin_bindings={binding}" for binding in job.gin_bindings]
+        + list(job.train_args)
+    )
+
+
+def xpk_argv(job: PodJob, cluster: str, docker_image: str, max_restarts: int) -> list[str]:
+    """`xpk workload create` running the same training command in the image (code baked in)."""
+    env = f"{distributed.DISTRIBUTED}=auto {distributed.RUN_ID}={shlex.quote(job.run_id)}"
+    command = env + " " + shlex.join(train_argv(job))
+    return [
+        "xpk", "workload", "create", f"--workload={job.name}", f"--cluster={cluster}",
+        f"--tpu-type={job.tpu}", "--num-slices=1", f"--docker-image={docker_image}",
+        f"--max-restarts={max_restarts}", f"--command={command}", *_where(job),
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- worker script
+
+_SCRIPT = r"""#!/bin/bash
+# Cirrus per-worker script for run @RUN_ID@ (rendered by launch/pod.py).
+#   bash @STAGE@.sh fingerprint   print this worker's environment fingerprint (one JSON line)
+#   bash @STAGE@.sh run           start launch.train (or wait for the one already running)
+# Exit codes: 0 done, 1 user error, 42 preempted, 2 anything else; never 255 (ssh's own).
+set -u
+RUN_ID=@RUN_ID_Q@
+WORKDIR=@WORKDIR_Q@
+PYTHON=@PYTHON_Q@
+STAGE="$HOME/@STAGE@"
+CODE_DIR="$STAGE/code"
+STATE_DIR="/tmp/cirrus/$RUN_ID"
+PID_FILE="$STATE_DIR/pid"
+EXIT_FILE="$STATE_DIR/exit_code"
+LOG_FILE="$STATE_DIR/train.log"
+mkdir -p "$STATE_DIR"
+
+map_exit_code() {
+  case "$1" in
+    0|1|42) echo "$1" ;;
+    *) echo 2 ;;
+  esac
+}
+
+worker_id() {
+  curl -sf -H Metadata-Flavor:Google \
+    http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number \
+    2>/dev/null || hostname
+}
+
+running_pid() {
+  local pid
+  pid=$(cat "$PID_FILE" 2>/dev/null) || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+unpack() {
+  rm -rf "$CODE_DIR" && mkdir -p "$CODE_DIR" && tar xzf "$STAGE.tar.gz" -C "$CODE_DIR"
+}
+
+clear_stale_tpu_holders() {
+  local dev pid
+  for dev in /dev/accel* /dev/vfio/*; do
+    [ -e "$dev" ] || continue
+    for pid in $(sudo lsof -t "$dev" 2>/dev/null || sudo fuser "$dev" 2>/dev/null); do
+      [ "$pid" = "$$" ] && continue
+      echo "cirrus: killing stale holder $pid of $dev"
+      sudo kill -9 "$pid" 2>/dev/null || true
+    done
+  done
+  sudo rm -f /tmp/libtpu_lockfile 2>/dev/null || rm -f /tmp/libtpu_lockfile
+}
+
+fingerprint() {
+  local code_hash
+  code_hash=$(cd "$CODE_DIR" && find . -type f -print0 | LC_ALL=C sort -z \
+    | xargs -0 sha256sum | sha256sum | cut -c1-16)
+  CIRRUS_WORKER="$(worker_id)" CIRRUS_CODE_HASH="$code_hash" "$PYTHON" - <<'EOF'
+import importlib.metadata as metadata, json, os, platform
+
+def version(*names):
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
+
+print("CIRRUS_FINGERPRINT " + json.dumps({
+    "worker": os.environ["CIRRUS_WORKER"],
+    "python": platform.python_version(),
+    "jax": version("jax"),
+    "jaxlib": version("jaxlib"),
+    "libtpu": version("libtpu", "libtpu-nightly"),
+    "code_hash": os.environ["CIRRUS_CODE_HASH"],
+}, sort_keys=True))
+EOF
+}
+
+run() {
+  local pid code worker
+  if pid=$(running_pid); then
+    echo "cirrus: run $RUN_ID already running as pid $pid; waiting for it"
+    while kill -0 "$pid" 2>/dev/null; do sleep 2; done
+    code=$(cat "$EXIT_FILE" 2>/dev/null || echo 2)
+    return "$(map_exit_code "$code")"
+  fi
+  echo $$ > "$PID_FILE"
+  rm -f "$EXIT_FILE"
+  unpack || return 2
+  cd "$CODE_DIR" || return 2
+  @SETUP@ || { echo "cirrus: setup failed"; return 2; }
+  clear_stale_tpu_holders
+  worker=$(worker_id)
+  fingerprint | sed 's/^CIRRUS_FINGERPRINT //' \
+    | gcloud storage cp - "$WORKDIR/fingerprints/worker_$worker.json" >/dev/null 2>&1 || true
+  export @DISTRIBUTED@=auto @RUN_ID_VAR@="$RUN_ID" PYTHONUNBUFFERED=1
+  @TRAIN@ 2>&1 | tee -a "$LOG_FILE"
+  code=${PIPESTATUS[0]}
+  echo "$code" > "$EXIT_FILE"
+  gcloud storage cp "$LOG_FILE" "$WORKDIR/logs/worker_$worker.log" >/dev/null 2>&1 || true
+  rm -f "$PID_FILE"
+  return "$(map_exit_code "$code")"
+}
+
+case "${1:-run}" in
+  fingerprint)
+    if ! running_pid >/dev/null; then unpack || exit 2; fi
+    fingerprint || exit 2 ;;
+  run) run; exit $? ;;
+  *) echo "usage: $0 fingerprint|run"; exit 2 ;;
+esac
+"""
+
+
+def render_script(job: PodJob) -> str:
+    """The bash script every worker runs (see the module docstring)."""
+    replacements = {
+        "@RUN_ID_Q@": shlex.quote(job.run_id),
+        "@WORKDIR_Q@": shlex.quote(job.workdir),
+        "@PYTHON_Q@": shlex.quote(job.python),
+        "@RUN_ID@": job.run_id,
+        "@STAGE@": job.stage,
+        "@SETUP@": job.setup_command or "true",
+        "@DISTRIBUTED@": distributed.DISTRIBUTED,
+        "@RUN_ID_VAR@": distributed.RUN_ID,
+        "@TRAIN@": shlex.join(train_argv(job)).replace(shlex.quote(job.python), '"$PYTHON"', 1),
+    }
+    script = _SCRIPT
+    for key, value in replacements.items():
+        script = script.replace(key, value)
+    return script
+
+
+def compare_fingerprints(output: str) -> list[dict]:
+    """Parses `CIRRUS_FINGERPRINT {...}` lines; workers that differ are a UserError."""
+    prints = [
+        json.loads(line.split(" ", 1)[1])
+        for line in output.splitlines()
+        if line.startswith("CIRRUS_FINGERPRINT ")
+    ]
+    if not prints:
+        raise UserError("no worker reported an environment fingerprint; see the output above.")
+    keys = ("python", "jax", "jaxlib", "libtpu", "code_hash")
+    first = {k: prints[0].get(k) for k in keys}
+    for other in prints[1:]:
+        differing = {k: (first[k], other.get(k)) for k in keys if other.get(k) != first[k]}
+        if differing:
+            raise UserError(
+                f"workers {prints[0].get('worker')} and {other.get('worker')} differ: "
+                + ", ".join(f"{k} {a} != {b}" for k, (a, b) in differing.items())
+                + "; fix the runtime image or --setup_command so every worker matches."
+            )
+    return prints
+
+
+def code_tarball(root: str = gin_config.ROOT) -> bytes:
+    """The repository (without .git, .venv, workdir, caches) as a .tar.gz."""
+    skip = {".git", ".venv", "workdir", "__pycache__", ".pytest_cache", ".ruff_cache"}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for directory, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in skip)
+            for filename in sorted(filenames):
+                path = os.path.join(directory, filename)
+                tar.add(path, arcname=os.path.relpath(path, root), recursive=False)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    tarball: str
+    script: str
+    logs: str
+
+
+def plan(job: PodJob, paths: Paths) -> list[tuple[str, list[str]]]:
+    """The steps of one attempt, in order, as (label, argv)."""
+    return [
+        ("describe", describe_argv(job)),
+        ("create", create_argv(job)),
+        ("poll until ACTIVE", describe_argv(job)),
+        ("ship code", scp_argv(job, paths.tarball, paths.script)),
+        ("fingerprint", ssh_argv(job, "fingerprint")),
+        ("run", ssh_argv(job, "run")),
+        ("gather logs", gather_logs_argv(job, paths.logs)),
+        ("delete", delete_argv(job)),
+    ]
+
+
+def dry_run_text(job: PodJob, paths: Paths) -> str:
+    lines = [f"# launch.pod dry run: {job.tpu} {job.name} run {job.run_id}; nothing is run."]
+    for label, argv in plan(job, paths):
+        lines.append(f"# {label}")
+        lines.append(shlex.join(argv))
+    lines.append(f"# per-worker script ({paths.script})")
+    lines.append(render_script(job))
+    return "\n".join(lines)
+
+
+class Runner:
+    """Runs commands for real; tests pass a fake with the same two methods."""
+
+    def call(self, argv) -> int:
+        return subprocess.call(argv, stdin=subprocess.DEVNULL)
+
+    def capture(self, argv) -> tuple[int, str]:
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if result.returncode:
+            sys.stderr.write(result.stderr)
+        return result.returncode, result.stdout
+
+
+def resource_state(job: PodJob, runner) -> str | None:
+    """The queued resource's state (ACTIVE, WAITING_FOR_RESOURCES, ...), None if absent."""
+    code, out = runner.capture(describe_argv(job))
+    if code:
+        return None
+    return out.strip() or "UNKNOWN"
+
+
+def ensure_resource(job: PodJob, runner, *, timeout_s, poll_s, log, sleep=time.sleep) -> None:
+    """Reuses an ACTIVE queued resource, replaces a dead one, creates a missing one."""
+    state = resource_state(job, runner)
+    if state in ("FAILED", "SUSPENDED", "SUSPENDING"):
+        log(f"launch.pod: queued resource {job.name} is {state}; deleting it")
+        runner.call(delete_argv(job))
+        state = None
+    if state is None:
+        log(f"launch.pod: creating queued resource {job.name} ({job.tpu}, {job.provisioning})")
+        if runner.call(create_argv(job)):
+            raise RuntimeError(f"creating the queued resource {job.name} failed")
+    deadline = time.monotonic() + timeout_s
+    while (state := resource_state(job, runner)) != "ACTIVE":
+        if state in ("FAILED", "SUSPENDED") or time.monotonic() > deadline:
+            raise RuntimeError(f"queued resource {job.name} is {state}, not ACTIVE")
+        log(f"launch.pod: queued resource {job.name} is {state}; waiting")
+        sleep(poll_s)
+    log(f"launch.pod: queued resource {job.name} is ACTIVE")
+
+
+def supervise(
+    job: PodJob,
+    paths: Paths,
+    runner,
+    *,
+    preemption_budget: int,
+    failure_budget: int,
+    keep_resource: bool = False,
+    timeout_s: float = 3600.0,
+    poll_s: float = 30.0,
+    log=print,
+    sleep=time.sleep,
+) -> int:
+    """Provisions, ships, runs and restarts per the budgets; returns the job's exit code."""
+    preemptions = failures = 0
+    attempt = 0
+    while True:
+        log(f"launch.pod: run {job.run_id} attempt {attempt}")
+        ensure_resource(job, runner, timeout_s=timeout_s, poll_s=poll_s, log=log, sleep=sleep)
+        code = runner.call(scp_argv(job, paths.tarball, paths.script))
+        if code == 0:
+            code, out = runner.capture(ssh_argv(job, "fingerprint"))
+            if code == 0:
+                compare_fingerprints(out)
+                code = runner.call(ssh_argv(job, "run"))
+        runner.call(gather_logs_argv(job, paths.logs))
+        log(f"launch.pod: attempt {attempt} ended with code {code}")
+        if code in (0, cli.EXIT_USER_ERROR):
+            if code == 0 and not keep_resource:
+                runner.call(delete_argv(job))
+            return code
+        preempted = code in RESTART_CODES or resource_state(job, runner) != "ACTIVE"
+        if preempted:
+            if preemptions >= preemption_budget:
+                log(f"launch.pod: preemption budget ({preemption_budget}) used up")
+                return code
+            preemptions += 1
+        else:
+            if failures >= failure_budget:
+                return code
+            failures += 1
+        attempt += 1
+        log("launch.pod: restarting from the last checkpoint in the same workdir")
+
+
+# ----------------------------------------------------------------------------- main
+
+# Defined only when this module is the program: launch.local and launch.sweep own flags of
+# the same names (--dry_run, --preemption_budget, ...), and absl flags are global.
+_FLAGS = {}
+
+
+def _define_flags():
+    f = flags
+    _FLAGS.update(
+        tpu=f.DEFINE_string("tpu", None, "TPU type, e.g. v5p-64, v5litepod-16, v6e-8."),
+        zone=f.DEFINE_string("zone", None, "Zone of the TPU."),
+        project=f.DEFINE_string("project", None, "Google Cloud project."),
+        spot=f.DEFINE_bool("spot", False, "Spot capacity (preemptible)."),
+        reserved=f.DEFINE_bool("reserved", False, "Use the project's reservation."),
+        best_effort=f.DEFINE_bool("best_effort", False, "Best-effort capacity (alpha API)."),
+        runtime_version=f.DEFINE_string("runtime_version", None, "TPU VM runtime version."),
+        name=f.DEFINE_string("name", None, "Queued resource / node name; default from run id."),
+        run_id=f.DEFINE_string("run_id", None, "Run id; default: derived from --workdir."),
+        dry_run=f.DEFINE_bool("dry_run", False, "Print every step and the script; run none."),
+        backend=f.DEFINE_enum("backend", "tpu_vm", ["tpu_vm", "xpk"], "Where the job runs."),
+        cluster=f.DEFINE_string("cluster", None, "GKE cluster (--backend=xpk)."),
+        docker_image=f.DEFINE_string("docker_image", None, "Image with the code (xpk)."),
+        setup_command=f.DEFINE_string("setup_command", DEFAULT_SETUP, "Run on each worker."),
+        preemption_budget=f.DEFINE_integer("preemption_budget", 3, "Restarts after preemption."),
+        failure_budget=f.DEFINE_integer("failure_budget", 0, "Restarts after other failures."),
+        keep_resource=f.DEFINE_bool("keep_resource", False, "Do not delete it after success."),
+    )
+
+
+def main(argv):
+    v = {key: flag.value for key, flag in _FLAGS.items()}
+    workdir = cli.WORKDIR.value or ""
+    run_id = v["run_id"] or default_run_id(workdir)
+    name = v["name"] or "cirrus-" + run_id.removeprefix("pod-")
+    provisioning_flags = (v["spot"], v["reserved"], v["best_effort"])
+    tpu = v["tpu"] or ""
+    validate(
+        tpu, v["zone"], v["project"], workdir, name,
+        cli.GIN_FILES.value, cli.GIN_BINDINGS.value, provisioning_flags,
+    )  # fmt: skip
+    provisioning = "standard"
+    for label, chosen in zip(("spot", "reserved", "best_effort"), provisioning_flags, strict=True):
+        provisioning = label if chosen else provisioning
+    job = PodJob(
+        tpu=tpu,
+        zone=v["zone"],
+        project=v["project"],
+        workdir=workdir.rstrip("/"),
+        name=name,
+        run_id=run_id,
+        runtime_version=v["runtime_version"] or DEFAULT_RUNTIME[tpu.rsplit("-", 1)[0]],
+        provisioning=provisioning,
+        gin_files=tuple(cli.GIN_FILES.value),
+        gin_bindings=tuple(cli.GIN_BINDINGS.value),
+        train_args=tuple(argv[1:]),
+        setup_command=v["setup_command"],
+    )
+    if v["backend"] == "xpk":
+        if not v["cluster"] or not v["docker_image"]:
+            raise UserError("--backend=xpk needs --cluster and --docker_image.")
+        argv_xpk = xpk_argv(job, v["cluster"], v["docker_image"], v["preemption_budget"])
+        print(shlex.join(argv_xpk), flush=True)
+        sys.exit(0 if v["dry_run"] else min(Runner().call(argv_xpk), 254))
+    stage = os.path.join(tempfile.gettempdir(), "cirrus-pod", run_id)
+    paths = Paths(
+        tarball=os.path.join(stage, job.stage + ".tar.gz"),
+        script=os.path.join(stage, job.stage + ".sh"),
+        logs=os.path.join(stage, "logs"),
+    )
+    if v["dry_run"]:
+        print(dry_run_text(job, paths), flush=True)
+        return 0
+    os.makedirs(paths.logs, exist_ok=True)
+    with open(paths.tarball, "wb") as out:
+        out.write(code_tarball())
+    with open(paths.script, "w") as out:
+        out.write(render_script(job))
+    code = supervise(
+        job,
+        paths,
+        Runner(),
+        preemption_budget=v["preemption_budget"],
+        failure_budget=v["failure_budget"],
+        keep_resource=v["keep_resource"],
+        log=lambda message: print(message, flush=True),
+    )
+    sys.exit(min(code, 254))  # Never 255: gcloud re-runs a command whose ssh exits 255.
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(cli.guarded(main))
