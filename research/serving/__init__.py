@@ -1,5 +1,43 @@
-"""Token generation. reference.py: full-forward decoding (the oracle for the KV-cache sampler)."""
+"""Token generation: the jitted KV-cache sampler, its sampling settings and detokenization.
 
+sampler.py     Sampler (prefill -> insert -> generate over fixed slots), Completion
+sampling.py    SamplingParams (one request), per-slot arrays, choose_tokens
+kv_cache.py    KVCache per layer and the Decoder's forward through it
+detokenize.py  incremental detokenization and stop strings
+reference.py   full-forward decoding, the oracle the sampler is tested against
+"""
+
+from research.serving.detokenize import IncrementalDetokenizer, StopStrings, TextStream
+from research.serving.kv_cache import KVCache
 from research.serving.reference import generate_reference
+from research.serving.sampler import (
+    Completion,
+    DecodeState,
+    Prefix,
+    Sampler,
+    Tokens,
+    encode_prompt,
+    length_buckets,
+    shard_params,
+)
+from research.serving.sampling import SamplingParams, SlotParams, choose_tokens, slot_params
 
-__all__ = ["generate_reference"]
+__all__ = [
+    "Completion",
+    "DecodeState",
+    "IncrementalDetokenizer",
+    "KVCache",
+    "Prefix",
+    "Sampler",
+    "SamplingParams",
+    "SlotParams",
+    "StopStrings",
+    "TextStream",
+    "Tokens",
+    "choose_tokens",
+    "encode_prompt",
+    "generate_reference",
+    "length_buckets",
+    "shard_params",
+    "slot_params",
+]

@@ -1,0 +1,134 @@
+"""Streams text sampled from a trained run's latest checkpoint.
+
+  python -m launch.sample --workdir=DIR --prompt="ROMEO" \
+      [--max_new_tokens=128 --temperature=0.8 --top_k=0 --top_p=1.0 --seed=0 --num_samples=1]
+
+The prompt gets the bos token first, as training documents do; "\\n" in it means a newline.
+Samples run together in one batch (sample i uses seed + i) and are printed one after another
+as their text arrives, each ending at the end-of-text token or after max_new_tokens.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+from launch import cli
+from launch import config as gin_config
+from research.errors import UserError
+from research.serving import Sampler, SamplingParams, encode_prompt
+
+PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
+MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per sample at most.")
+TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy; higher = more random.")
+TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = off).")
+SEED = flags.DEFINE_integer("seed", 0, "Random seed of the first sample.")
+NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples of the prompt.")
+_MAX_SAMPLES = 64
+
+
+class _Printer:
+    """Streams sample 0 live; later samples' text waits until the ones before are done."""
+
+    def __init__(self, prompt: str, seeds: list[int], write=sys.stdout.write):
+        self.prompt, self.seeds, self.write = prompt, seeds, write
+        self.buffers = [""] * len(seeds)
+        self.done = [None] * len(seeds)
+        self.current = -1
+        self._advance()
+
+    def _advance(self):
+        while True:
+            self.current += 1
+            if self.current >= len(self.seeds):
+                return
+            header = f"--- sample {self.current + 1}/{len(self.seeds)} (seed "
+            self.write(f"{header}{self.seeds[self.current]}) ---\n{self.prompt}")
+            self.write(self.buffers[self.current])
+            if self.done[self.current] is None:
+                sys.stdout.flush()
+                return
+            self._footer(self.done[self.current])
+
+    def _footer(self, completion):
+        reason = "end of text" if completion.finish_reason == "stop" else "token limit"
+        self.write(f"\n--- {len(completion.token_ids)} tokens, {reason} ---\n")
+
+    def text(self, index: int, text: str):
+        self.buffers[index] += text
+        if index == self.current:
+            self.write(text)
+            sys.stdout.flush()
+
+    def finished(self, index: int, completion):
+        self.done[index] = completion
+        if index == self.current:
+            self._footer(completion)
+            self._advance()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; use --prompt='...'.")
+    workdir = cli.WORKDIR.value
+    if not workdir:
+        raise UserError("--workdir is required: the training run to sample from.")
+    if not PROMPT.value:
+        raise UserError("--prompt is empty; give some text to continue, e.g. --prompt='ROMEO'.")
+    if not 1 <= NUM_SAMPLES.value <= _MAX_SAMPLES:
+        raise UserError(f"--num_samples={NUM_SAMPLES.value} must be in [1, {_MAX_SAMPLES}].")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore detail at INFO.
+    gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
+    prompt = PROMPT.value.replace("\\n", "\n").replace("\\t", "\t")
+    seeds = [SEED.value + i for i in range(NUM_SAMPLES.value)]
+    requests = [
+        SamplingParams(
+            max_new_tokens=MAX_NEW_TOKENS.value,
+            temperature=TEMPERATURE.value,
+            top_k=TOP_K.value,
+            top_p=TOP_P.value,
+            seed=seed,
+        )
+        for seed in seeds
+    ]
+    try:  # Bad flags fail before the model loads, named as flags.
+        for request in requests:
+            request.check(vocab_size=2**31 - 1, max_stop_tokens=1, max_logprobs=0)
+    except UserError as error:
+        raise UserError(str(error).replace("sampling.", "--")) from None
+
+    from research.checkpoint import load_model
+
+    loaded = load_model(workdir, log=lambda line: print(line, file=sys.stderr))
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        raise UserError(f"{workdir} has no tokenizer/ directory; sampling needs the tokenizer.")
+    requests = [
+        SamplingParams(**{**vars(r), "stop_token_ids": (tokenizer.eos_id,)}) for r in requests
+    ]
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    sampler = Sampler(
+        loaded.model_config,
+        loaded.graphdef,
+        loaded.params,
+        num_slots=len(seeds),
+        steps_per_call=8,
+    )
+    sampler.check_prompt(prompt_ids)
+    print(
+        f"step {loaded.step} of {workdir}: {len(prompt_ids)} prompt tokens, "
+        f"context {sampler.max_len}",
+        file=sys.stderr,
+    )
+    printer = _Printer(prompt, seeds)
+    sampler.complete(
+        [prompt_ids] * len(seeds),
+        requests,
+        tokenizer=tokenizer,
+        on_text=printer.text,
+        on_done=printer.finished,
+    )
+
+
+if __name__ == "__main__":
+    app.run(cli.guarded(main))

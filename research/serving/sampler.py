@@ -1,0 +1,517 @@
+"""The jitted sampler shared by evaluation, `launch.sample` and the server.
+
+A fixed number of slots decode together. A request enters in two jitted calls and then
+advances with every other live slot:
+
+    sampler = Sampler(model_config, graphdef, params, num_slots=8)
+    state = sampler.init_state()
+    prefix = sampler.prefill([prompt_ids])                  # bucketed length, one compile each
+    state = sampler.insert(state, prefix, 0, slot=3, request=SamplingParams(...))
+    state, steps = sampler.generate(state)                 # steps_per_call tokens per live slot
+    state = sampler.release(state, slot=3)                 # e.g. a stop string was seen
+
+Each slot keeps the logits of its next token. A decode step chooses a token from them for
+every live slot, then feeds the chosen tokens through the model (one KV-cache step) to get
+the next logits; insert only copies a prefill's cache and last logits into the slot, so
+token choice is compiled once, inside `generate`. `generate` runs `lax.while_loop` over
+steps (stopping early once no slot is live), so there is no Python per token; the first
+token of a new request comes from the next `generate` call (`num_steps=1` for a fast first
+token, without recompiling). Every slot carries its own SamplingParams as array rows, and
+each slot's random draws come from (its seed, its token index) only: the same request gives
+the same tokens whatever the other slots are doing. `Sampler.complete` is the simple
+high-level loop over many requests (admit into free slots, generate, detokenize, stop).
+
+Capacity: a slot holds `max_len` tokens (prompt + generated); a prompt may use max_len - 1.
+Under a mesh, the cache's kv heads are split over "tensor" and slots over the batch axes;
+parameters keep (or get) the shardings their logical axes imply.
+"""
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from research import sharding
+from research.errors import UserError
+from research.serving import kv_cache
+from research.serving.detokenize import TextStream
+from research.serving.sampling import SamplingParams, SlotParams, choose_tokens, slot_params
+
+_MIN_BUCKET = 16
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Everything about the slots that lives on device. [B] = one row per slot."""
+
+    cache: kv_cache.KVCache
+    logits: jax.Array  # [B, V] float32: the model's logits for each slot's next token.
+    lengths: jax.Array  # [B] int32: tokens in the cache = position of the next fed token.
+    num_generated: jax.Array  # [B] int32: tokens chosen so far for the slot's request.
+    live: jax.Array  # [B] bool: still generating.
+    output_counts: jax.Array  # [B, V] int32: generated-token counts (presence / frequency).
+    seen: jax.Array  # [B, V] bool: prompt or generated tokens (repetition penalty).
+    params: SlotParams
+
+
+@flax.struct.dataclass
+class Prefix:
+    """A prefilled batch of P prompts, ready to insert into slots."""
+
+    cache: kv_cache.KVCache  # [P, K, T, H] per layer (T = the length bucket).
+    logits: jax.Array  # [P, V] float32 at each prompt's last token.
+    lengths: jax.Array  # [P] int32 prompt lengths.
+    seen: jax.Array  # [P, V] bool prompt tokens.
+
+
+@flax.struct.dataclass
+class Tokens:
+    """What one `generate` call chose: [B, k] for k = steps_per_call; token -1 = none."""
+
+    tokens: jax.Array  # int32
+    logprobs: jax.Array  # float32, raw model log-probability of the token.
+    top_ids: jax.Array  # int32 [B, k, N] the N most likely tokens (num_top_logprobs).
+    top_logprobs: jax.Array  # float32 [B, k, N]
+    live: jax.Array  # bool [B]: the slot goes on after this call.
+
+
+@dataclasses.dataclass
+class Completion:
+    """One finished request. finish_reason: "stop" (stop token or string) or "length"."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: str
+
+
+def shard_params(params, mesh):
+    """Places an nnx.State of parameters on `mesh` by their logical axes (sharding.RULES)."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+        shardings = sharding.fit_shardings(nnx.get_named_sharding(params, mesh), params)
+    return jax.device_put(params, shardings)
+
+
+def length_buckets(max_len: int) -> tuple[int, ...]:
+    """Prompt lengths prefill compiles for: powers of two from 16, then max_len."""
+    buckets, size = [], _MIN_BUCKET
+    while size < max_len:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_len)
+
+
+class Sampler:
+    """Fixed slots over one model; see the module docstring.
+
+    Args:
+      model_config: the Decoder's ModelConfig.
+      graphdef, params: `nnx.split(model, nnx.Param)` of a Decoder.
+      num_slots: B, requests decoded together.
+      max_len: S, tokens per slot (prompt + generated); default model_config.max_seq_len.
+      steps_per_call: decode steps per `generate` call.
+      num_top_logprobs: N alternatives reported per token (0 = none).
+      max_stop_tokens: stop token ids a request may give.
+      mesh: a (data, fsdp, tensor) mesh to run on; None = the default device.
+    """
+
+    def __init__(
+        self,
+        model_config,
+        graphdef,
+        params,
+        *,
+        num_slots: int = 8,
+        max_len: int = 0,
+        steps_per_call: int = 16,
+        num_top_logprobs: int = 0,
+        max_stop_tokens: int = 8,
+        mesh=None,
+    ):
+        max_len = max_len or model_config.max_seq_len
+        if not 2 <= max_len <= model_config.max_seq_len:
+            raise UserError(
+                f"sampler max_len={max_len} must be in [2, model.max_seq_len="
+                f"{model_config.max_seq_len}]; lower it."
+            )
+        for name, value in (("num_slots", num_slots), ("steps_per_call", steps_per_call)):
+            if value < 1:
+                raise UserError(f"sampler {name}={value} must be >= 1.")
+        self.model_config = model_config
+        self.graphdef = graphdef
+        self.num_slots, self.max_len, self.steps_per_call = num_slots, max_len, steps_per_call
+        self.num_top_logprobs, self.max_stop_tokens = num_top_logprobs, max_stop_tokens
+        self.mesh = mesh
+        self.params = shard_params(params, mesh) if mesh is not None else params
+        self.buckets = length_buckets(max_len)
+        shardings = self._state_shardings() if mesh is not None else None
+        self._init = jax.jit(self._init_state, out_shardings=shardings)
+        self._prefill = jax.jit(self._prefill_fn)
+        self._insert = jax.jit(self._insert_fn, donate_argnums=0, out_shardings=shardings)
+        self._generate = jax.jit(
+            self._generate_fn,
+            donate_argnums=1,
+            out_shardings=None if mesh is None else (shardings, None),
+        )
+        self._release = jax.jit(self._release_fn, donate_argnums=0, out_shardings=shardings)
+
+    # ---- the jitted pieces -------------------------------------------------------------
+
+    def _context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _init_state(self) -> DecodeState:
+        b, v = self.num_slots, self.model_config.vocab_size
+        empty = SamplingParams(max_new_tokens=1, temperature=0.0)
+        return DecodeState(
+            cache=kv_cache.init_cache(self.model_config, b, self.max_len),
+            logits=jnp.zeros((b, v), jnp.float32),
+            lengths=jnp.zeros((b,), jnp.int32),
+            num_generated=jnp.zeros((b,), jnp.int32),
+            live=jnp.zeros((b,), bool),
+            output_counts=jnp.zeros((b, v), jnp.int32),
+            seen=jnp.zeros((b, v), bool),
+            params=jax.tree.map(jnp.asarray, slot_params([empty] * b, self.max_stop_tokens)),
+        )
+
+    def _state_shardings(self) -> DecodeState:
+        abstract = jax.eval_shape(self._init_state)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        shardings = jax.tree.map(lambda _: replicated, abstract)
+        cache = kv_cache.cache_sharding(self.mesh, self.model_config, self.num_slots, self.max_len)
+        return shardings.replace(cache=cache)
+
+    def _prefill_fn(self, params, tokens_pt, lengths_p) -> Prefix:
+        model = nnx.merge(self.graphdef, params)
+        logits_pv, cache = kv_cache.prefill(model, tokens_pt, lengths_p - 1)
+        v = self.model_config.vocab_size
+        t = tokens_pt.shape[1]
+        in_prompt_pt = jnp.arange(t)[None] < lengths_p[:, None]
+        seen_pv = jnp.zeros((tokens_pt.shape[0], v), bool)
+        rows_pt = jnp.broadcast_to(jnp.arange(tokens_pt.shape[0])[:, None], tokens_pt.shape)
+        seen_pv = seen_pv.at[rows_pt, tokens_pt].max(in_prompt_pt)
+        return Prefix(cache=cache, logits=logits_pv, lengths=lengths_p, seen=seen_pv)
+
+    def _insert_fn(self, state: DecodeState, prefix: Prefix, row, slot, request: SlotParams):
+        def put(buffer, value):  # value: [1, ...] into buffer[slot].
+            start = (slot,) + (0,) * (buffer.ndim - 1)
+            return jax.lax.dynamic_update_slice(buffer, value.astype(buffer.dtype), start)
+
+        def take(array):
+            return jax.lax.dynamic_slice_in_dim(array, row, 1)
+
+        seen_1v = take(prefix.seen)
+        return DecodeState(
+            cache=jax.tree.map(lambda c, p: put(c, take(p)), state.cache, prefix.cache),
+            logits=put(state.logits, take(prefix.logits)),
+            lengths=put(state.lengths, take(prefix.lengths)),
+            num_generated=put(state.num_generated, jnp.zeros((1,), jnp.int32)),
+            live=put(state.live, jnp.ones((1,), bool)),
+            output_counts=put(state.output_counts, jnp.zeros(seen_1v.shape, jnp.int32)),
+            seen=put(state.seen, seen_1v),
+            params=jax.tree.map(put, state.params, request),
+        )
+
+    def _generate_fn(self, params, state: DecodeState, num_steps):
+        model = nnx.merge(self.graphdef, params)
+        b, k, n = self.num_slots, self.steps_per_call, self.num_top_logprobs
+        out = Tokens(
+            tokens=jnp.full((b, k), -1, jnp.int32),
+            logprobs=jnp.zeros((b, k), jnp.float32),
+            top_ids=jnp.zeros((b, k, n), jnp.int32),
+            top_logprobs=jnp.zeros((b, k, n), jnp.float32),
+            live=state.live,
+        )
+        rows_b = jnp.arange(b)
+
+        def step(carry):
+            index, state, out = carry
+            live_b = state.live
+            tokens_b, logprobs_b, top_ids_bn, top_logprobs_bn = choose_tokens(
+                state.logits,
+                state.params,
+                state.output_counts,
+                state.seen,
+                state.num_generated,
+                n,
+            )
+            num_generated_b = state.num_generated + live_b
+            # The chosen token makes lengths + 1 tokens; feeding it needs a free cache row.
+            is_stop_b = jnp.any(tokens_b[:, None] == state.params.stop_token_ids, axis=-1)
+            done_b = (
+                is_stop_b
+                | (num_generated_b >= state.params.max_new_tokens)
+                | (state.lengths + 1 >= self.max_len)
+            )
+            continues_b = live_b & ~done_b
+            # Every slot computes (fixed shapes); finished ones write only their own row.
+            positions_b = jnp.minimum(state.lengths, self.max_len - 1)
+            logits_bv, cache = kv_cache.decode_step(model, tokens_b, positions_b, state.cache)
+            state = DecodeState(
+                cache=cache,
+                logits=logits_bv,
+                lengths=state.lengths + continues_b,
+                num_generated=num_generated_b,
+                live=continues_b,
+                output_counts=state.output_counts.at[rows_b, tokens_b].add(live_b),
+                seen=state.seen.at[rows_b, tokens_b].max(live_b),
+                params=state.params,
+            )
+            out = Tokens(
+                tokens=out.tokens.at[:, index].set(jnp.where(live_b, tokens_b, -1)),
+                logprobs=out.logprobs.at[:, index].set(logprobs_b),
+                top_ids=out.top_ids.at[:, index].set(top_ids_bn),
+                top_logprobs=out.top_logprobs.at[:, index].set(top_logprobs_bn),
+                live=continues_b,
+            )
+            return index + 1, state, out
+
+        def cond(carry):
+            index, state, _ = carry
+            return (index < num_steps) & jnp.any(state.live)
+
+        _, state, out = jax.lax.while_loop(cond, step, (jnp.int32(0), state, out))
+        return state, out.replace(live=state.live)
+
+    def _release_fn(self, state: DecodeState, slot):
+        return state.replace(live=state.live.at[slot].set(False))
+
+    # ---- the public calls ---------------------------------------------------------------
+
+    def set_params(self, params) -> None:
+        """Swaps in new parameters of the same shapes (e.g. during training); no recompile."""
+        self.params = shard_params(params, self.mesh) if self.mesh is not None else params
+
+    def init_state(self) -> DecodeState:
+        """Empty slots (nothing live) with a zero cache, sharded on the mesh if any."""
+        with self._context():
+            return self._init()
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """UserError for an empty prompt, a prompt that leaves no room, or unknown ids."""
+        if len(prompt_ids) == 0:
+            raise UserError(
+                "the prompt is empty; give at least one token (text prompts get the bos token)."
+            )
+        if len(prompt_ids) >= self.max_len:
+            raise UserError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_len} "
+                f"(prompt + at least one new token); shorten the prompt to at most "
+                f"{self.max_len - 1} tokens."
+            )
+        ids = np.asarray(prompt_ids)
+        if ids.min() < 0 or ids.max() >= self.model_config.vocab_size:
+            raise UserError(
+                f"the prompt has token ids outside [0, {self.model_config.vocab_size}) "
+                "(the model's vocabulary)."
+            )
+
+    def check_request(self, request: SamplingParams) -> None:
+        request.check(
+            vocab_size=self.model_config.vocab_size,
+            max_stop_tokens=self.max_stop_tokens,
+            max_logprobs=self.num_top_logprobs,
+        )
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefix:
+        """Runs P prompts through the model, padded to one length bucket (jitted per bucket)."""
+        if not prompts:
+            raise UserError("prefill needs at least one prompt.")
+        for prompt in prompts:
+            self.check_prompt(prompt)
+        longest = max(len(p) for p in prompts)
+        bucket = next(b for b in self.buckets if b >= longest)
+        tokens_pt = np.zeros((len(prompts), bucket), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens_pt[row, : len(prompt)] = prompt
+        lengths_p = np.asarray([len(p) for p in prompts], np.int32)
+        with self._context():
+            return self._prefill(self.params, tokens_pt, lengths_p)
+
+    def insert(
+        self, state: DecodeState, prefix: Prefix, row: int, slot: int, request: SamplingParams
+    ) -> DecodeState:
+        """Puts prefilled prompt `row` into `slot` with its settings; the slot is live, and
+        its first token comes from the next `generate`. The old state is donated."""
+        self.check_request(request)
+        if not 0 <= slot < self.num_slots:
+            raise UserError(f"slot {slot} is not in [0, {self.num_slots}).")
+        row_params = slot_params([request], self.max_stop_tokens)
+        with self._context():
+            return self._insert(state, prefix, np.int32(row), np.int32(slot), row_params)
+
+    def generate(self, state: DecodeState, num_steps: int = 0) -> tuple[DecodeState, Tokens]:
+        """Up to num_steps (default and at most steps_per_call) tokens for every live slot in
+        one jitted call (any num_steps, one compilation). Returns the new state (the old one
+        is donated) and Tokens of [B, steps_per_call]."""
+        num_steps = num_steps or self.steps_per_call
+        if not 1 <= num_steps <= self.steps_per_call:
+            raise UserError(f"num_steps={num_steps} must be in [1, {self.steps_per_call}].")
+        with self._context():
+            return self._generate(self.params, state, np.int32(num_steps))
+
+    def release(self, state: DecodeState, slot: int) -> DecodeState:
+        """Stops `slot` (its tokens after this are not generated); the slot is then free."""
+        with self._context():
+            return self._release(state, np.int32(slot))
+
+    def complete(
+        self,
+        prompts: Sequence[Sequence[int]],
+        requests: SamplingParams | Sequence[SamplingParams],
+        *,
+        tokenizer=None,
+        on_text: Callable[[int, str], None] | None = None,
+        on_done: Callable[[int, Completion], None] | None = None,
+    ) -> list[Completion]:
+        """Runs every prompt to completion, num_slots at a time (continuous batching).
+
+        Args:
+          prompts: token id lists (see `encode_prompt` for text).
+          requests: one SamplingParams for all prompts, or one per prompt.
+          tokenizer: research.data.Tokenizer; needed for text and stop strings.
+          on_text: called as on_text(prompt_index, new_text) as text becomes final.
+          on_done: called as on_done(prompt_index, completion) when a request finishes.
+
+        Returns:
+          one Completion per prompt, in order.
+        """
+        if isinstance(requests, SamplingParams):
+            requests = [requests] * len(prompts)
+        if len(requests) != len(prompts):
+            raise UserError(f"{len(requests)} sampling settings for {len(prompts)} prompts.")
+        for prompt, request in zip(prompts, requests, strict=True):
+            self.check_prompt(prompt)
+            self.check_request(request)
+            if request.stop_strings and tokenizer is None:
+                raise UserError("stop_strings need a tokenizer to detokenize the output.")
+        results: list[Completion | None] = [None] * len(prompts)
+        pending = list(range(len(prompts)))[::-1]
+        active: dict[int, _Request] = {}
+        state = self.init_state()
+        while pending or active:
+            prefixes = {}
+            for slot in range(self.num_slots):
+                if slot in active or not pending:
+                    continue
+                index = pending.pop()
+                key = tuple(prompts[index])
+                if key not in prefixes:  # e.g. several samples of one prompt
+                    prefixes[key] = self.prefill([prompts[index]])
+                state = self.insert(state, prefixes[key], 0, slot, requests[index])
+                active[slot] = _Request(index, list(prompts[index]), requests[index], tokenizer)
+            state, steps = self.generate(state)
+            steps = jax.device_get(steps)
+            for slot in list(active):
+                state = self._consume(
+                    state,
+                    active,
+                    slot,
+                    steps.tokens[slot],
+                    steps.logprobs[slot],
+                    steps.top_ids[slot],
+                    steps.top_logprobs[slot],
+                    bool(steps.live[slot]),
+                    results,
+                    on_text,
+                    on_done,
+                )
+        return results
+
+    def _consume(
+        self,
+        state,
+        active,
+        slot,
+        tokens,
+        logprobs,
+        top_ids,
+        top_logprobs,
+        live,
+        results,
+        on_text,
+        on_done,
+    ):
+        """Hands a slot's new tokens to its request; finishes it on a stop or end of slot."""
+        request = active[slot]
+        stopped = False
+        for j, token in enumerate(tokens):
+            if token < 0:
+                break
+            if request.add(token, logprobs[j], top_ids[j], top_logprobs[j]):
+                stopped = True
+                break
+        finished = stopped or not live
+        if finished:
+            del active[slot]
+            if live:  # A stop string: the device does not know, free the slot there.
+                state = self.release(state, slot)
+            results[request.index] = request.result()
+        if on_text is not None and request.fresh_text:
+            on_text(request.index, request.take_text())
+        if finished and on_done is not None:
+            on_done(request.index, results[request.index])
+        return state
+
+
+@dataclasses.dataclass
+class _Request:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    tokenizer: object = None
+
+    def __post_init__(self):
+        self.token_ids, self.logprobs, self.top_logprobs = [], [], []
+        self.text_stream = (
+            TextStream(self.tokenizer, self.prompt_ids, self.params.stop_strings)
+            if self.tokenizer is not None
+            else None
+        )
+        self.stopped_by_string = False
+        self.fresh_text = ""
+
+    def add(self, token, logprob, top_ids, top_logprobs) -> bool:
+        """Records a token; True when a stop string ends the request."""
+        self.token_ids.append(int(token))
+        self.logprobs.append(float(logprob))
+        n = self.params.num_logprobs
+        self.top_logprobs.append(
+            [(int(i), float(p)) for i, p in zip(top_ids[:n], top_logprobs[:n], strict=True)]
+        )
+        if self.text_stream is None:
+            return False
+        self.fresh_text += self.text_stream.add(int(token))
+        self.stopped_by_string = self.text_stream.stopped
+        return self.stopped_by_string
+
+    def take_text(self) -> str:
+        text, self.fresh_text = self.fresh_text, ""
+        return text
+
+    def result(self) -> Completion:
+        if self.text_stream is not None and not self.stopped_by_string:
+            self.fresh_text += self.text_stream.finish()
+        last = self.token_ids[-1]
+        stopped = self.stopped_by_string or last in self.params.stop_token_ids
+        return Completion(
+            prompt_ids=self.prompt_ids,
+            token_ids=self.token_ids,
+            text=self.text_stream.text if self.text_stream is not None else "",
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+            finish_reason="stop" if stopped else "length",
+        )
+
+
+def encode_prompt(tokenizer, text: str, *, add_bos: bool = True) -> list[int]:
+    """Token ids of a text prompt, with bos first as in training documents."""
+    ids = tokenizer.encode(text)
+    return [tokenizer.bos_id, *ids] if add_bos else ids

@@ -1,0 +1,99 @@
+"""launch.sample and launch.eval as a user runs them, on a tiny run trained by launch.train."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch.config import ROOT
+from tests.launch.test_train_cli import TINY_RUN
+
+
+def _run(module, args, timeout=300):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 12-step tiny run (with its prepared data) in a temporary workdir."""
+    root = tmp_path_factory.mktemp("sample_eval")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for index in range(12):
+        text = f"Scene {index}. " + "Once more unto the breach, dear friends, once more. " * 8
+        (corpus / f"scene{index}.md").write_text(f"# Scene {index}\n\n**KING**\n{text}\n")
+    workdir = root / "run"
+    bindings = TINY_RUN + [f"data.sources = ('{corpus}',)", f"data.cache_dir = '{root}/cache'"]
+    result = _run(
+        "launch.train",
+        ["--gin_file=configs/experiment/demo.gin", f"--workdir={workdir}", "--sample_prompt="]
+        + [f"--gin_bindings={b}" for b in bindings],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_sample_streams_every_sample(trained):
+    result = _run(
+        "launch.sample",
+        [f"--workdir={trained}", "--prompt=Once more", "--max_new_tokens=12"]
+        + ["--temperature=0.9", "--top_k=20", "--top_p=0.95", "--seed=3", "--num_samples=2"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--- sample 1/2 (seed 3) ---\nOnce more" in result.stdout
+    assert "--- sample 2/2 (seed 4) ---\nOnce more" in result.stdout
+    assert result.stdout.count("tokens, ") == 2
+
+
+@pytest.mark.slow
+def test_eval_writes_json_and_markdown_reports(trained, tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text(
+        json.dumps({"context": "Once more unto the", "choices": [" breach", " sea"], "answer": 0})
+    )
+    result = _run(
+        "launch.eval",
+        [f"--workdir={trained}", "--gin_bindings=eval.stride = 16"]
+        + [f"--gin_bindings=eval.choice_tasks = ('{task}',)", "--gin_bindings=eval.cloze_items=8"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((trained / "eval_report.json").read_text())
+    metrics = report["metrics"]
+    assert {"validation/loss", "validation/bits_per_byte", "task/accuracy"} <= set(metrics)
+    assert report["config"]["stride"] == 16
+    assert "| validation | bits_per_byte |" in (trained / "eval_report.md").read_text()
+    assert "| task | accuracy |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "module, args, fragment",
+    [
+        ("launch.sample", ["--prompt=x", "--top_p=1.5"], "top_p"),
+        ("launch.sample", ["--prompt=x", "--temperature=-1"], "temperature"),
+        ("launch.sample", ["--prompt=x", "--max_new_tokens=0"], "max_new_tokens"),
+        ("launch.sample", ["--prompt="], "--prompt is empty"),
+        ("launch.eval", ["--gin_bindings=eval.strid = 3"], "strid"),
+        ("launch.eval", ["--gin_bindings=eval.batch_size = 0"], "eval.batch_size"),
+    ],
+)
+def test_bad_flags_exit_1_with_a_message(module, args, fragment, tmp_path):
+    result = _run(module, [f"--workdir={tmp_path}", *args], timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path):
+    result = _run("launch.sample", [f"--workdir={tmp_path}", "--prompt=x"], timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "no checkpoint" in result.stderr
