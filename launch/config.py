@@ -1,8 +1,8 @@
 """Gin for every entry point: the configurables users bind, parsing with clear errors.
 
 research/ never imports gin; this is the only place the library's dataclasses are exposed:
-`model.*` (ModelConfig), `data.*` (DataConfig), `train.*` (TrainConfig) and
-`checkpoint.*` (CheckpointConfig).
+`model.*` (ModelConfig), `data.*` (DataConfig), `train.*` (TrainConfig),
+`checkpoint.*` (CheckpointConfig) and `eval.*` (EvalConfig).
 """
 
 import os
@@ -12,6 +12,7 @@ import gin
 from research.checkpoint import CheckpointConfig
 from research.data import DataConfig
 from research.errors import UserError
+from research.evaluation import EvalConfig
 from research.model import ModelConfig
 from research.train import TrainConfig
 
@@ -21,6 +22,7 @@ _CONFIGURABLES = {
     DataConfig: gin.external_configurable(DataConfig, "data"),
     TrainConfig: gin.external_configurable(TrainConfig, "train"),
     CheckpointConfig: gin.external_configurable(CheckpointConfig, "checkpoint"),
+    EvalConfig: gin.external_configurable(EvalConfig, "eval"),
 }
 
 # Repository root: gin files are found relative to it (and to the working directory).
@@ -42,8 +44,8 @@ def parse(gin_files=(), gin_bindings=()) -> None:
     except (ValueError, SyntaxError, KeyError, TypeError) as error:
         raise UserError(
             f"bad gin configuration: {error}\nConfigurables are `model.*`, `data.*`, "
-            f"`train.*` and `checkpoint.*`; check the name and value of the binding above "
-            f"(see configs/base.gin for every field)."
+            f"`train.*`, `checkpoint.*` and `eval.*`; check the name and value of the binding "
+            f"above (see configs/base.gin for every field)."
         ) from None
 
 

@@ -14,7 +14,6 @@ import json
 import sys
 import time
 
-import gin
 from absl import app, logging
 from etils import epath
 
@@ -25,17 +24,6 @@ from research.evaluation import EvalConfig, build_suite, markdown_table, run_sui
 
 REPORT_JSON = "eval_report.json"
 REPORT_MARKDOWN = "eval_report.md"
-
-
-def _eval_configurable():
-    """The gin-wrapped EvalConfig (`eval.*`), registered once per process."""
-    try:
-        return gin.get_configurable("eval")
-    except ValueError:
-        return gin.external_configurable(EvalConfig, "eval")
-
-
-_EVAL = _eval_configurable()
 
 
 def _log(message: str) -> None:
@@ -50,12 +38,7 @@ def main(argv):
         raise UserError("--workdir is required: the training run to evaluate.")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore detail at INFO.
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
-    try:
-        config = _EVAL()
-    except UserError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise UserError(f"bad gin configuration: {error}") from None
+    config = gin_config.build(EvalConfig)
 
     from research.checkpoint import load_model
 

@@ -73,6 +73,26 @@ def prepare_run(workdir: str):
     return model_config, train_config, prepared
 
 
+def _task_eval(train_config, model_config, prepared):
+    """The evaluation suite (`eval.*`) as a callable for the loop, or None when it is off."""
+    if not train_config.task_eval_every:
+        return None
+    import jax
+
+    from research.evaluation import EvalConfig, build_suite, run_suite
+
+    if jax.process_count() > 1:
+        _log("train.task_eval_every: the evaluation suite runs single-process only; skipped.")
+        return None
+    suite = build_suite(
+        gin_config.build(EvalConfig),
+        model_config,
+        prepared.tokenizer,
+        data_dir=prepared.directory,
+    )
+    return lambda graphdef, params, mesh: run_suite(suite, graphdef, params, mesh=mesh)
+
+
 def main(argv):
     distributed.initialize(log=_log)  # Before any JAX computation (launch/distributed.py).
     if len(argv) > 1:
@@ -90,6 +110,7 @@ def main(argv):
     if FRESH.value:
         distributed.barrier("fresh")  # No host restores while the chief deletes.
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    task_eval = _task_eval(train_config, model_config, prepared)
     try:
         trainer, state, _ = train(
             model_config,
@@ -101,6 +122,7 @@ def main(argv):
             meta={"config_gin": gin_config.operative_config()},
             preemption=PreemptionNotice().install(),
             init_params=init_params,
+            task_eval=task_eval,
         )
     except NonFiniteLossError as error:
         raise UserError(str(error)) from None

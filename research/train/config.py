@@ -35,6 +35,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic validation.
     eval_batches: int = 8  # Validation batches per periodic evaluation (0 = whole split).
+    # Steps between runs of the evaluation suite (`eval.*`: bits per byte, cloze, JSONL tasks);
+    # it also runs at the end. 0 disables it. Use a multiple of log_every.
+    task_eval_every: int = 0
     # Peak FLOP/s per device for MFU; 0 measures a matmul peak on the first device at start.
     peak_flops_per_device: float = 0.0
     # Multi-host: every process all-gathers its SIGTERM flag every this many steps, so all

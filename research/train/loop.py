@@ -292,13 +292,16 @@ def train(
     meta: dict | None = None,
     preemption: PreemptionNotice | None = None,
     init_params=None,
+    task_eval: Callable[..., dict] | None = None,
 ) -> tuple[Trainer, TrainState, dict]:
     """Trains for config.num_steps; returns (trainer, final state, last metrics).
 
     With `checkpoint`, resumes from the latest usable step in workdir/ckpt and saves every
     `checkpoint.save_every` steps and at the end. `init_params` (an nnx.State matching the
     model) starts a fresh run from given weights (fine-tuning). A set `preemption.requested`
-    saves the current step and raises Preempted.
+    saves the current step and raises Preempted. `task_eval(graphdef, params, mesh) ->
+    {name: value}` (e.g. research.evaluation.run_suite) runs every `train.task_eval_every`
+    steps and at the end; its metrics join the logged record.
     """
     trainer, state = build_trainer(model_config, config, mesh)
     mesh = trainer.mesh
@@ -347,6 +350,7 @@ def train(
             log,
             peak,
             flops_token,
+            task_eval,
         )
     finally:
         writer.close()
@@ -420,6 +424,7 @@ def _run(
     log,
     peak,
     flops_token,
+    task_eval,
 ):
     """The step loop proper. Returns (final state, last logged record)."""
     mesh = trainer.mesh
@@ -475,6 +480,15 @@ def _run(
                         record["val_loss"] = val["loss"]
                         record["val_accuracy"] = val["accuracy"]
                         watchdog.beat()
+                    if (
+                        task_eval
+                        and config.task_eval_every
+                        and (done % config.task_eval_every == 0 or done == config.num_steps)
+                    ):
+                        tasks = task_eval(trainer.graphdef, state.params, mesh)
+                        record.update(tasks)
+                        watchdog.beat()
+                        log(f"step {done} evaluation: " + _format_tasks(tasks))
                     writer.write(done, record)
                     remaining = config.num_steps - done
                     eta = remaining * tokens_per_step / tokens_per_s if tokens_per_s else 0.0
@@ -511,6 +525,11 @@ def _run(
         watchdog.stop()
     last["first_step_s"] = first_step_s or 0.0
     return state, last
+
+
+def _format_tasks(metrics: dict) -> str:
+    shown = [k for k in metrics if k.rsplit("/", 1)[-1] in ("loss", "bits_per_byte", "accuracy")]
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in shown or list(metrics)[:6])
 
 
 def _check_finite(step: int, metrics: dict) -> None:

@@ -55,6 +55,8 @@ def corpus(tmp_path_factory):
 def test_train_cli_end_to_end(corpus, tmp_path):
     workdir = tmp_path / "run"
     bindings = TINY_RUN + [f"data.sources = ('{corpus}',)", f"data.cache_dir = '{tmp_path}/c'"]
+    # The evaluation suite at the end: bits per byte of the validation split.
+    bindings += ["train.task_eval_every = 12", "eval.cloze_items = 0"]
     result = _run(
         ["--gin_file=configs/experiment/demo.gin", f"--workdir={workdir}", "--sample_tokens=8"]
         + [f"--gin_bindings={b}" for b in bindings]
@@ -65,6 +67,7 @@ def test_train_cli_end_to_end(corpus, tmp_path):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8, 12]
     assert "val_loss" in records[-1]
+    assert records[-1]["validation/bits_per_byte"] > 0 and "step 12 evaluation" in result.stdout
     config_text = (workdir / "config.gin").read_text()
     assert "train.num_steps = 12" in config_text and "model.d_model = 32" in config_text
     assert (workdir / "plots" / "loss.png").exists()
