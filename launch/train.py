@@ -161,22 +161,24 @@ def _host_params(params):
 
 
 def _print_sample(trainer, params, model_config, tokenizer):
-    from research.serving import generate_reference
+    """Streams a sample from the KV-cache Sampler (the one launch.sample and serving use)."""
+    from research.serving import Sampler, SamplingParams, encode_prompt
 
-    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(SAMPLE_PROMPT.value)
-    new_ids = generate_reference(
-        trainer.graphdef,
-        params,
-        prompt_ids,
+    sampler = Sampler(model_config, trainer.graphdef, params, num_slots=1)
+    request = SamplingParams(
         max_new_tokens=SAMPLE_TOKENS.value,
-        max_seq_len=model_config.max_seq_len,
         temperature=0.8,
         seed=0,
+        stop_token_ids=(tokenizer.eos_id,),
     )
-    if tokenizer.eos_id in new_ids:
-        new_ids = new_ids[: new_ids.index(tokenizer.eos_id)]
-    _log("\n--- sample (temperature 0.8) ---\n" + SAMPLE_PROMPT.value + tokenizer.decode(new_ids))
-    _log("--- end of sample ---")
+    print("\n--- sample (temperature 0.8) ---\n" + SAMPLE_PROMPT.value, end="", flush=True)
+    sampler.complete(
+        [encode_prompt(tokenizer, SAMPLE_PROMPT.value)],
+        request,
+        tokenizer=tokenizer,
+        on_text=lambda _, text: print(text, end="", flush=True),
+    )
+    _log("\n--- end of sample ---")
 
 
 # --- --init_from: fine-tuning from pretrained weights -------------------------------------------
