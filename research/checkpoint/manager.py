@@ -34,6 +34,9 @@ class CheckpointConfig:
 
 
 def checkpoint_dir(workdir: str) -> str:
+    """workdir/ckpt; local paths are made absolute (TensorStore refuses relative ones)."""
+    if "://" not in str(workdir):
+        workdir = os.path.abspath(workdir)
     return os.path.join(workdir, "ckpt")
 
 

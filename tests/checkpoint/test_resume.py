@@ -266,3 +266,22 @@ def test_keeps_the_last_k_plus_the_best_validation_step(tmp_path):
         kept.append(checkpointer.all_steps())
     checkpointer.close()
     assert kept == [[1], [2], [2, 3], [2, 4]]  # Step 2 has the best validation loss.
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+    import flax
+    import grain
+    import jax.numpy as jnp
+
+    @flax.struct.dataclass
+    class State:
+        params: dict
+        opt_state: dict
+
+    monkeypatch.chdir(tmp_path)
+    checkpointer = Checkpointer("relative/run", CheckpointConfig())
+    iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+    checkpointer.save(1, State({"w": jnp.ones(3)}, {"m": jnp.zeros(2)}), iterator, {})
+    checkpointer.wait()
+    checkpointer.close()
+    assert (tmp_path / "relative" / "run" / "ckpt" / "1" / "commit_success.txt").exists()
