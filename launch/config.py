@@ -2,7 +2,7 @@
 
 research/ never imports gin; this is the only place the library's dataclasses are exposed:
 `model.*` (ModelConfig), `data.*` (DataConfig), `train.*` (TrainConfig),
-`checkpoint.*` (CheckpointConfig) and `eval.*` (EvalConfig).
+`checkpoint.*` (CheckpointConfig), `eval.*` (EvalConfig) and `serve.*` (EngineConfig).
 """
 
 import os
@@ -14,6 +14,7 @@ from research.data import DataConfig
 from research.errors import UserError
 from research.evaluation import EvalConfig
 from research.model import ModelConfig
+from research.serving.engine import EngineConfig
 from research.train import TrainConfig
 
 # The gin-wrapped constructors: calling one applies the bindings (the plain class does not).
@@ -23,6 +24,7 @@ _CONFIGURABLES = {
     TrainConfig: gin.external_configurable(TrainConfig, "train"),
     CheckpointConfig: gin.external_configurable(CheckpointConfig, "checkpoint"),
     EvalConfig: gin.external_configurable(EvalConfig, "eval"),
+    EngineConfig: gin.external_configurable(EngineConfig, "serve"),
 }
 
 # Repository root: gin files are found relative to it (and to the working directory).
@@ -44,8 +46,8 @@ def parse(gin_files=(), gin_bindings=()) -> None:
     except (ValueError, SyntaxError, KeyError, TypeError) as error:
         raise UserError(
             f"bad gin configuration: {error}\nConfigurables are `model.*`, `data.*`, "
-            f"`train.*`, `checkpoint.*` and `eval.*`; check the name and value of the binding "
-            f"above (see configs/base.gin for every field)."
+            f"`train.*`, `checkpoint.*`, `eval.*` and `serve.*`; check the name and value of "
+            f"the binding above (see configs/base.gin for every field)."
         ) from None
 
 

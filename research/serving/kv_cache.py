@@ -178,3 +178,72 @@ def decode_step(
         x_btd = _mlp(block, x_btd + attention.project_out(y_bnh[:, None]))
     logits_bv = model.unembed(x_btd)[:, 0].astype(jnp.float32)
     return logits_bv, KVCache(keys=tuple(keys), values=tuple(values))
+
+
+def extend_attention(
+    q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_bts: jax.Array
+) -> jax.Array:
+    """`decode_attention` for T queries per row: softmax(q k^T / sqrt(H) masked) v.
+
+    Args:
+      q_btnh: [B, T, N, H] queries, compute dtype.
+      k_bksh, v_bksh: [B, K, S, H] cache, compute dtype.
+      mask_bts: [B, T, S] bool, True where query t may attend to key s.
+
+    Returns:
+      [B, T, N, H] in the dtype of v.
+    """
+    b, t, n, h = q_btnh.shape
+    k = k_bksh.shape[1]
+    q_bkgth = (q_btnh * jnp.asarray(h**-0.5, q_btnh.dtype)).reshape(b, t, k, n // k, h)
+    q_bkgth = q_bkgth.transpose(0, 2, 3, 1, 4)
+    logits_bkgts = jnp.einsum(
+        "bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32
+    )
+    logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, _MASK_VALUE)
+    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bksh.dtype)
+    y_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs_bkgts, v_bksh)
+    return y_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def extend(
+    model: Decoder, tokens_bt: jax.Array, start_b: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """T more prompt tokens per row, at positions start..start+T-1, on top of the cache.
+
+    What chunked prefill and the prefix cache need: the first `start` positions of each row
+    hold a prompt's keys and values already (an earlier chunk, or blocks copied from the
+    prefix cache); this writes the next T tokens' keys and values after them and attends to
+    everything up to each token's own position. Positions past the cache (padding of a last
+    chunk) are dropped, never written.
+
+    Args:
+      model: a Decoder (merged inside jit).
+      tokens_bt: [B, T] int token ids (padding after the real tokens is harmless).
+      start_b: [B] int32 position of each row's first new token.
+      cache: KVCache of [B, K, S, H] per layer.
+
+    Returns:
+      ([B, T, D] final hidden states, before `Decoder.unembed`; the updated cache).
+    """
+    b, t = tokens_bt.shape
+    s = cache.max_len
+    positions_bt = start_b[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    mask_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
+    x_btd = model.embed(tokens_bt, jnp.minimum(positions_bt, s - 1))
+
+    def write_row(row_ksh, new_tkh, positions_t):
+        return row_ksh.at[:, positions_t].set(new_tkh.transpose(1, 0, 2), mode="drop")
+
+    write = jax.vmap(write_row)
+    keys, values = [], []
+    for block, k_bksh, v_bksh in zip(model.layers, cache.keys, cache.values, strict=True):
+        attention = block.attention
+        q_btnh, k_btkh, v_btkh = attention.project_qkv(block.attention_norm(x_btd), positions_bt)
+        k_bksh = write(k_bksh, k_btkh.astype(k_bksh.dtype), positions_bt)
+        v_bksh = write(v_bksh, v_btkh.astype(v_bksh.dtype), positions_bt)
+        keys.append(k_bksh)
+        values.append(v_bksh)
+        y_btnh = extend_attention(q_btnh, k_bksh, v_bksh, mask_bts)
+        x_btd = _mlp(block, x_btd + attention.project_out(y_btnh))
+    return x_btd, KVCache(keys=tuple(keys), values=tuple(values))

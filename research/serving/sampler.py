@@ -161,6 +161,13 @@ class Sampler:
             out_shardings=None if mesh is None else (shardings, None),
         )
         self._release = jax.jit(self._release_fn, donate_argnums=0, out_shardings=shardings)
+        self._extend = jax.jit(
+            self._extend_fn,
+            donate_argnums=1,
+            static_argnames="num_prompt_top",
+            out_shardings=None if mesh is None else (shardings, None),
+        )
+        self._activate = jax.jit(self._activate_fn, donate_argnums=0, out_shardings=shardings)
 
     # ---- the jitted pieces -------------------------------------------------------------
 
@@ -283,6 +290,46 @@ class Sampler:
     def _release_fn(self, state: DecodeState, slot):
         return state.replace(live=state.live.at[slot].set(False))
 
+    def _extend_fn(self, params, state, tokens_t, slot, start, num_real, next_t, num_prompt_top):
+        model = nnx.merge(self.graphdef, params)
+
+        def row(array):
+            return jax.lax.dynamic_slice_in_dim(array, slot, 1)
+
+        def put(array, value):
+            return jax.lax.dynamic_update_slice_in_dim(array, value.astype(array.dtype), slot, 0)
+
+        cache_row = jax.tree.map(row, state.cache)
+        x_1td, cache_row = kv_cache.extend(model, tokens_t[None], start[None], cache_row)
+        x_11d = jax.lax.dynamic_slice_in_dim(x_1td, num_real - 1, 1, axis=1)
+        logits_1v = model.unembed(x_11d)[:, 0].astype(jnp.float32)
+        state = state.replace(
+            cache=jax.tree.map(put, state.cache, cache_row), logits=put(state.logits, logits_1v)
+        )
+        if num_prompt_top is None:
+            return state, None
+        logprobs_tv = jax.nn.log_softmax(model.unembed(x_1td)[0].astype(jnp.float32), axis=-1)
+        chosen_t = jnp.take_along_axis(logprobs_tv, next_t[:, None], axis=-1)[:, 0]
+        top_logprobs_tn, top_ids_tn = jax.lax.top_k(logprobs_tv, max(num_prompt_top, 1))
+        return state, (chosen_t, top_ids_tn, top_logprobs_tn)
+
+    def _activate_fn(self, state: DecodeState, slot, prompt_s, length, request: SlotParams):
+        def put(buffer, value):  # value: [1, ...] into buffer[slot].
+            start = (slot,) + (0,) * (buffer.ndim - 1)
+            return jax.lax.dynamic_update_slice(buffer, value.astype(buffer.dtype), start)
+
+        v = self.model_config.vocab_size
+        in_prompt_s = jnp.arange(prompt_s.shape[0]) < length
+        seen_1v = jnp.zeros((1, v), bool).at[0, prompt_s].max(in_prompt_s)
+        return state.replace(
+            lengths=put(state.lengths, length[None]),
+            num_generated=put(state.num_generated, jnp.zeros((1,), jnp.int32)),
+            live=put(state.live, jnp.ones((1,), bool)),
+            output_counts=put(state.output_counts, jnp.zeros((1, v), jnp.int32)),
+            seen=put(state.seen, seen_1v),
+            params=jax.tree.map(put, state.params, request),
+        )
+
     # ---- the public calls ---------------------------------------------------------------
 
     def set_params(self, params) -> None:
@@ -361,6 +408,64 @@ class Sampler:
         """Stops `slot` (its tokens after this are not generated); the slot is then free."""
         with self._context():
             return self._release(state, np.int32(slot))
+
+    def extend(
+        self,
+        state: DecodeState,
+        slot: int,
+        tokens: Sequence[int],
+        start: int,
+        *,
+        bucket: int = 0,
+        next_tokens: Sequence[int] | None = None,
+        num_prompt_top: int | None = None,
+    ) -> tuple[DecodeState, tuple | None]:
+        """Prefills `tokens` into `slot` at positions start.. (chunked prefill, or the rest
+        of a prompt after cached prefix blocks), leaving the slot's next-token logits at the
+        last one. The slot is not live until `activate`. The old state is donated.
+
+        Args:
+          bucket: the padded chunk length to compile for (default: the smallest power of two
+            from 16 that holds the tokens).
+          next_tokens, num_prompt_top: for prompt log-probabilities (echo): the token after
+            each of `tokens`, and how many alternatives to rank. Then the second result is
+            (logprob of each next token [T], top ids [T, N], top logprobs [T, N]) on device,
+            padded to the bucket; otherwise None.
+        """
+        n = len(tokens)
+        if n < 1 or start + n > self.max_len:
+            raise UserError(f"extend: {n} tokens at {start} do not fit a {self.max_len} slot.")
+        bucket = bucket or next(b for b in length_buckets(self.max_len) if b >= n)
+        tokens_t = np.zeros((bucket,), np.int32)
+        tokens_t[:n] = tokens
+        next_t = np.zeros((bucket,), np.int32)
+        if next_tokens is not None:
+            next_t[: len(next_tokens)] = next_tokens
+        with self._context():
+            return self._extend(
+                self.params,
+                state,
+                tokens_t,
+                np.int32(slot),
+                np.int32(start),
+                np.int32(n),
+                next_t,
+                num_prompt_top=num_prompt_top,
+            )
+
+    def activate(
+        self, state: DecodeState, slot: int, prompt_ids: Sequence[int], request: SamplingParams
+    ) -> DecodeState:
+        """Makes `slot` live once its whole prompt is in the cache (`extend`); its first token
+        comes from the next `generate`. The old state is donated."""
+        self.check_request(request)
+        prompt_s = np.zeros((self.max_len,), np.int32)
+        prompt_s[: len(prompt_ids)] = prompt_ids
+        row_params = slot_params([request], self.max_stop_tokens)
+        with self._context():
+            return self._activate(
+                state, np.int32(slot), prompt_s, np.int32(len(prompt_ids)), row_params
+            )
 
     def complete(
         self,

@@ -1,0 +1,202 @@
+"""Reuse of prompt prefixes' keys and values across requests (system prompts, few-shot).
+
+Prompts are cut into blocks of `block` tokens. The keys and values of a full block live in a
+device pool ([M, K, block, H] per layer, M blocks within a memory budget) under a key that
+names the block's tokens AND everything before it: (parent block's uid, this block's tokens).
+A new prompt walks its blocks from the start while they are in the pool; the matched blocks
+are copied into its slot's cache rows and only the rest of the prompt is prefilled
+(`Sampler.extend` from the first unmatched position). After a prompt is prefilled, its full
+blocks that are not yet pooled are copied out of the slot.
+
+The pool is a copy, not shared pages: a slot owns its whole cache row, so eviction never has
+to wait for a running request. Eviction is least-recently-used; a lookup refreshes a chain
+from its deepest block to its first, so a chain's leaves are evicted before its roots (a
+block whose parent was evicted can never match again and simply ages out).
+
+The copies are one jitted call each of fixed shape (every block index of a slot, unused ones
+masked), so no prompt length ever recompiles them.
+"""
+
+import collections
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.serving import kv_cache
+
+
+@dataclasses.dataclass
+class _Block:
+    uid: int
+    index: int  # Row of the pool.
+    key: tuple
+
+
+class PrefixCache:
+    """A pool of prompt blocks and the jitted copies between it and a sampler's slots.
+
+    Args:
+      model_config: the model's ModelConfig.
+      max_len: S, the sampler's tokens per slot.
+      budget_bytes: device memory for the pool; the number of blocks is what fits.
+      block: tokens per block.
+      mesh: the sampler's mesh, if any: the pool's kv heads are split as the cache's are.
+    """
+
+    def __init__(
+        self, model_config, max_len: int, budget_bytes: float, block: int = 16, *, mesh=None
+    ):
+        self.block = block
+        self.max_len = max_len
+        spec = kv_cache.cache_shape(model_config, 1, block)
+        self.block_bytes = 2 * model_config.num_layers * math.prod(spec.shape) * spec.dtype.itemsize
+        self.num_blocks = int(budget_bytes // self.block_bytes)
+        self.blocks_per_slot = -(-max_len // block)
+        self._by_key: dict[tuple, _Block] = {}
+        self._lru: collections.OrderedDict[int, _Block] = collections.OrderedDict()
+        self._free = list(range(self.num_blocks))[::-1]
+        self._next_uid = 1
+        self.queried_tokens = 0
+        self.hit_tokens = 0
+        if self.num_blocks == 0:
+            self.pool = None
+            return
+        _, k, _, h = spec.shape
+        shape = (self.num_blocks, k, block, h)
+        layers = range(model_config.num_layers)
+        self.pool = kv_cache.KVCache(
+            keys=tuple(jnp.zeros(shape, spec.dtype) for _ in layers),
+            values=tuple(jnp.zeros(shape, spec.dtype) for _ in layers),
+        )
+        if mesh is not None:  # Blocks replicated, heads as in the slots' cache.
+            cache_spec = kv_cache.cache_sharding(mesh, model_config, 1, max_len).keys[0].spec
+            pool_spec = jax.sharding.PartitionSpec(None, *tuple(cache_spec)[1:])
+            self.pool = jax.device_put(self.pool, jax.sharding.NamedSharding(mesh, pool_spec))
+        self._load = jax.jit(self._load_fn, donate_argnums=0)
+        self._store = jax.jit(self._store_fn, donate_argnums=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.pool is not None
+
+    @property
+    def used_blocks(self) -> int:
+        return len(self._lru)
+
+    # ---- host-side index ---------------------------------------------------------------
+
+    def _blocks(self, tokens: Sequence[int], count: int) -> list[tuple]:
+        return [tuple(tokens[i * self.block : (i + 1) * self.block]) for i in range(count)]
+
+    def match(self, prompt: Sequence[int]) -> list[_Block]:
+        """The pooled blocks that start `prompt`, leaving at least one token to prefill."""
+        if not self.enabled:
+            return []
+        chain, parent = [], 0
+        for tokens in self._blocks(prompt, (len(prompt) - 1) // self.block):
+            found = self._by_key.get((parent, tokens))
+            if found is None:
+                break
+            chain.append(found)
+            parent = found.uid
+        self._refresh([b.uid for b in chain])
+        self.queried_tokens += len(prompt)
+        self.hit_tokens += len(chain) * self.block
+        return chain
+
+    def _refresh(self, chain_uids: list[int]) -> None:
+        for uid in reversed(chain_uids):  # Deepest first: the root ends up most recent.
+            self._lru.move_to_end(uid)
+
+    def _allocate(self, protected: set[int]) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for uid, victim in self._lru.items():
+            if uid not in protected:
+                del self._lru[uid]
+                del self._by_key[victim.key]
+                return victim.index
+        return None
+
+    def plan_store(self, prompt: Sequence[int]) -> list[tuple[int, int]]:
+        """Registers the full blocks of `prompt` that are not pooled yet; returns
+        (block number in the prompt, pool index) of those to copy out of the slot."""
+        if not self.enabled:
+            return []
+        copies, chain, parent = [], [], 0
+        for number, tokens in enumerate(self._blocks(prompt, len(prompt) // self.block)):
+            key = (parent, tokens)
+            found = self._by_key.get(key)
+            if found is None:
+                index = self._allocate(set(chain))
+                if index is None:
+                    break
+                found = _Block(uid=self._next_uid, index=index, key=key)
+                self._next_uid += 1
+                self._by_key[key] = found
+                self._lru[found.uid] = found
+                copies.append((number, index))
+            chain.append(found.uid)
+            parent = found.uid
+        self._refresh(chain)
+        return copies
+
+    # ---- device copies -----------------------------------------------------------------
+
+    def _load_fn(self, cache, pool, slot, indices_m, num_tokens):
+        """cache rows [slot, :, :num_tokens] = the pooled blocks indices_m, in order."""
+        s, m, blk = self.max_len, self.blocks_per_slot, self.block
+
+        def load(c_bksh, p_mkbh):
+            _, k, _, h = p_mkbh.shape
+            blocks_kmbh = p_mkbh[indices_m].transpose(1, 0, 2, 3)
+            row_ksh = blocks_kmbh.reshape(k, m * blk, h)[:, :s]
+            old_1ksh = jax.lax.dynamic_slice_in_dim(c_bksh, slot, 1)
+            keep_s = jnp.arange(s) < num_tokens
+            new_1ksh = jnp.where(keep_s[None, None, :, None], row_ksh[None], old_1ksh)
+            return jax.lax.dynamic_update_slice_in_dim(c_bksh, new_1ksh, slot, 0)
+
+        return jax.tree.map(load, cache, pool)
+
+    def _store_fn(self, pool, cache, slot, indices_m):
+        """pool[indices_m[i]] = block i of the slot's row (index num_blocks = skip)."""
+        s, m, blk = self.max_len, self.blocks_per_slot, self.block
+
+        def store(p_mkbh, c_bksh):
+            row_ksh = jax.lax.dynamic_slice_in_dim(c_bksh, slot, 1)[0]
+            k, _, h = row_ksh.shape
+            row_ksh = jnp.pad(row_ksh, ((0, 0), (0, m * blk - s), (0, 0)))
+            blocks_mkbh = row_ksh.reshape(k, m, blk, h).transpose(1, 0, 2, 3)
+            return p_mkbh.at[indices_m].set(blocks_mkbh, mode="drop")
+
+        return jax.tree.map(store, pool, cache)
+
+    def load(self, cache: kv_cache.KVCache, slot: int, chain: list[_Block]) -> kv_cache.KVCache:
+        """Copies the matched blocks into `slot`'s rows 0..len(chain)*block (cache donated)."""
+        indices_m = np.zeros((self.blocks_per_slot,), np.int32)
+        indices_m[: len(chain)] = [b.index for b in chain]
+        return self._load(
+            cache, self.pool, np.int32(slot), indices_m, np.int32(len(chain) * self.block)
+        )
+
+    def store(self, cache: kv_cache.KVCache, slot: int, copies: list[tuple[int, int]]) -> None:
+        """Copies the slot's blocks named by `plan_store` into the pool."""
+        if not copies:
+            return
+        indices_m = np.full((self.blocks_per_slot,), self.num_blocks, np.int32)
+        for block_number, index in copies:
+            indices_m[block_number] = index
+        self.pool = self._store(self.pool, cache, np.int32(slot), indices_m)
+
+    def warm_up(self, cache: kv_cache.KVCache) -> kv_cache.KVCache:
+        """Compiles both copies (touching nothing: no block is loaded or stored)."""
+        if not self.enabled:
+            return cache
+        skip = np.full((self.blocks_per_slot,), self.num_blocks, np.int32)
+        self.pool = self._store(self.pool, cache, np.int32(0), skip)
+        indices = np.zeros((self.blocks_per_slot,), np.int32)
+        return self._load(cache, self.pool, np.int32(0), indices, np.int32(0))

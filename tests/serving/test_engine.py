@@ -1,0 +1,224 @@
+"""The engine: chunked prefill and prefix reuse are exact, batching never changes a request."""
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from research.errors import UserError
+from research.serving import Sampler, SamplingParams, generate_reference
+from research.serving.engine import Engine, EngineClosed, EngineConfig, QueueFull
+from research.serving.prefix_cache import PrefixCache
+from tests.evaluation.helpers import CharTokenizer
+from tests.serving.helpers import LLAMA, full_logits, random_split
+
+CONFIG = LLAMA.replace(max_seq_len=64)
+LONG = [1, *range(3, 30), *range(5, 20)]  # 43 tokens: several blocks of 8.
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_split(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    config = EngineConfig(
+        num_slots=3, steps_per_call=3, prefill_chunk=16, prefix_block=8, num_top_logprobs=3
+    )
+    engine = Engine(CONFIG, *model, CharTokenizer(), config)
+    engine.start()
+    assert engine.wait_ready(120)
+    yield engine
+    engine.shutdown()
+
+
+def run(engine, prompts, requests, **kwargs):
+    """Submits every request at once; returns per request (outputs, done event)."""
+    results = []
+    for prompt, request in zip(prompts, requests, strict=True):
+        outputs, done = [], threading.Event()
+
+        def on_output(output, outputs=outputs, done=done):
+            outputs.append(output)
+            if output.finish_reason is not None:
+                done.set()
+
+        engine.submit(prompt, request, on_output, **kwargs)
+        results.append((outputs, done))
+    for _, done in results:
+        assert done.wait(60)
+    return [outputs for outputs, _ in results]
+
+
+def tokens_of(outputs):
+    return [t for o in outputs for t in o.token_ids]
+
+
+def test_chunked_extend_equals_the_full_forward(model):
+    graphdef, params = model
+    sampler = Sampler(CONFIG, graphdef, params, num_slots=2, steps_per_call=8)
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
+    state = sampler.init_state()
+    for start in range(0, len(LONG), 10):  # Chunks of 10 into slot 1, padded to 16.
+        state, _ = sampler.extend(state, 1, LONG[start : start + 10], start)
+    state = sampler.activate(state, 1, LONG, greedy)
+    np.testing.assert_allclose(
+        state.logits[1], full_logits(graphdef, params, [LONG])[0, -1], atol=1e-4
+    )
+    state, steps = sampler.generate(state)
+    expected = generate_reference(
+        graphdef, params, LONG, max_new_tokens=8, max_seq_len=CONFIG.max_seq_len
+    )
+    assert list(np.asarray(steps.tokens[1])) == expected
+    assert not bool(steps.live[0])  # The other slot never started.
+
+
+def test_batched_requests_equal_each_request_alone(engine, model):
+    prompts = [LONG, [1, 7, 9], [1, 4], LONG[:20], [1, 3, 3, 3, 3]]
+    requests = [
+        SamplingParams(max_new_tokens=10, temperature=0.0),
+        SamplingParams(max_new_tokens=12, temperature=1.2, top_p=0.9, seed=3),
+        SamplingParams(max_new_tokens=5, temperature=0.8, top_k=5, seed=4),
+        SamplingParams(max_new_tokens=7, temperature=1.0, frequency_penalty=0.5, seed=5),
+        SamplingParams(max_new_tokens=9, temperature=0.0, presence_penalty=1.0),
+    ]
+    outputs = run(engine, prompts, requests)  # 5 requests on 3 slots: some wait.
+    alone = Sampler(CONFIG, *model, num_slots=1).complete(prompts, requests)
+    for got, want in zip(outputs, alone, strict=True):
+        assert tokens_of(got) == want.token_ids
+        assert got[-1].finish_reason == "length"
+        assert got[-1].completion_tokens == len(want.token_ids)
+        assert "".join(o.text for o in got) == CharTokenizer().decode(want.token_ids)
+
+
+def test_stop_strings_and_tokens(engine, model):
+    greedy = SamplingParams(max_new_tokens=20, temperature=0.0)
+    (plain,) = run(engine, [LONG], [greedy])
+    text = "".join(o.text for o in plain)
+    stop = text[5:7]
+    (cut,) = run(
+        engine, [LONG], [SamplingParams(max_new_tokens=20, temperature=0.0, stop_strings=(stop,))]
+    )
+    assert "".join(o.text for o in cut) == text[: text.index(stop)]
+    assert cut[-1].finish_reason == "stop"
+    token = tokens_of(plain)[3]
+    stop_at_token = SamplingParams(max_new_tokens=20, temperature=0.0, stop_token_ids=(token,))
+    (ended,) = run(engine, [LONG], [stop_at_token])
+    first = tokens_of(plain).index(token)
+    assert tokens_of(ended) == tokens_of(plain)[: first + 1]
+    assert ended[-1].finish_reason == "stop"
+
+
+def test_prefix_cache_reuses_blocks_exactly(engine):
+    system = [1, *range(10, 34)]  # 25 tokens: three full blocks of 8.
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    (first,) = run(engine, [system + [5, 6]], [greedy])
+    (second,) = run(engine, [system + [7]], [greedy])
+    (again,) = run(engine, [system + [5, 6]], [greedy])
+    assert second[-1].cached_tokens == 24  # Blocks are shared by prefix, not whole prompts.
+    assert again[-1].cached_tokens == 24
+    assert tokens_of(again) == tokens_of(first)
+    model_alone = Sampler(CONFIG, engine.sampler.graphdef, engine.sampler.params, num_slots=1)
+    (want,) = model_alone.complete([system + [7]], greedy)
+    assert tokens_of(second) == want.token_ids
+    assert engine.stats()["prefix_cache_hit_rate"] > 0
+
+
+def test_prompt_logprobs_are_the_full_forward_log_softmax(engine, model):
+    prompt = LONG[:30]
+    (outputs,) = run(
+        engine, [prompt], [SamplingParams(max_new_tokens=2, temperature=0.0)], prompt_logprobs=2
+    )
+    logits_tv = full_logits(*model, [prompt])[0]
+    log_softmax_tv = np.asarray(logits_tv - jax.nn.logsumexp(logits_tv, axis=-1, keepdims=True))
+    first = outputs[0]
+    assert first.prompt_logprobs[0] is None
+    for t in range(1, len(prompt)):
+        np.testing.assert_allclose(
+            first.prompt_logprobs[t], log_softmax_tv[t - 1, prompt[t]], atol=1e-4
+        )
+        assert [i for i, _ in first.prompt_top_logprobs[t]] == list(
+            np.argsort(-log_softmax_tv[t - 1])[:2]
+        )
+
+
+def test_cancel_frees_the_slot(engine):
+    outputs, done = [], threading.Event()
+
+    def on_output(output):
+        outputs.append(output)
+        if output.finish_reason is not None:
+            done.set()
+
+    long = SamplingParams(max_new_tokens=60, temperature=0.0, stop_token_ids=())
+    request_id = engine.submit([1, 5], long, on_output)
+    engine.cancel(request_id)
+    assert done.wait(30)
+    assert outputs[-1].finish_reason == "abort"
+    assert engine.stats()["running"] == 0
+
+
+def test_bad_requests_are_named(engine):
+    def ignore(_):
+        pass
+
+    with pytest.raises(UserError, match="empty"):
+        engine.submit([], SamplingParams(), ignore)
+    with pytest.raises(UserError, match="context holds 64"):
+        engine.submit([1] * 64, SamplingParams(), ignore)
+    with pytest.raises(UserError, match="top_p"):
+        engine.submit([1], SamplingParams(top_p=0.0), ignore)
+    with pytest.raises(UserError, match="prompt_logprobs"):
+        engine.submit([1], SamplingParams(), ignore, prompt_logprobs=9)
+
+
+def test_queue_full_and_shutdown(model):
+    engine = Engine(CONFIG, *model, CharTokenizer(), EngineConfig(num_slots=1, max_waiting=2))
+    outputs = []
+    for _ in range(2):  # Not started: nothing drains the queue.
+        engine.submit([1, 2], SamplingParams(max_new_tokens=3, temperature=0.0), outputs.append)
+    with pytest.raises(QueueFull) as error:
+        engine.submit([1, 2], SamplingParams(), outputs.append)
+    assert error.value.retry_after_s > 0
+    engine.start()
+    engine.shutdown(drain_timeout_s=60)  # Drains: both accepted requests finish.
+    assert [o.finish_reason for o in outputs if o.finish_reason] == ["length", "length"]
+    with pytest.raises(EngineClosed):
+        engine.submit([1, 2], SamplingParams(), outputs.append)
+
+
+def test_prefix_cache_evicts_least_recently_used_leaves_first():
+    block_bytes = PrefixCache(CONFIG, 64, 1e9, block=4).block_bytes
+    cache = PrefixCache(CONFIG, 64, 3 * block_bytes, block=4)
+    assert cache.num_blocks == 3
+    a = [1, 2, 3, 4, 5, 6, 7, 8, 9]  # Two full blocks.
+    assert [n for n, _ in cache.plan_store(a)] == [0, 1]
+    assert len(cache.match(a)) == 2
+    b = [9, 9, 9, 9, 8, 8, 8, 8, 7]
+    copies = cache.plan_store(b)  # Needs two blocks, one is free: evicts a's leaf.
+    assert [n for n, _ in copies] == [0, 1]
+    assert len(cache.match(a)) == 1  # a's root survived.
+    assert len(cache.match(b)) == 2
+
+
+def test_tensor_parallel_engine_gives_the_single_device_tokens(engine, model):
+    from research.sharding import make_mesh
+
+    mesh = make_mesh((1, 1, 2), devices=jax.devices()[:2])
+    config = EngineConfig(num_slots=2, steps_per_call=4, prefill_chunk=16, prefix_block=8)
+    sharded = Engine(CONFIG, *model, CharTokenizer(), config, mesh=mesh)
+    sharded.start()
+    assert sharded.wait_ready(120)
+    try:
+        prompts = [LONG, [1, 7, 9]]
+        requests = [
+            SamplingParams(max_new_tokens=8, temperature=0.0),
+            SamplingParams(max_new_tokens=8, temperature=1.0, seed=11),
+        ]
+        got = run(sharded, prompts, requests)
+        want = run(engine, prompts, requests)
+        assert [tokens_of(o) for o in got] == [tokens_of(o) for o in want]
+    finally:
+        sharded.shutdown()
