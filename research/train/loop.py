@@ -336,22 +336,20 @@ def train(
         truncate_metrics(metrics_path, int(state.step))
     writer = MetricsWriter(workdir, enabled=is_chief)
     try:
-        state, last = _run(
-            trainer,
-            state,
-            iterator,
-            config,
-            model_config,
-            data_dir,
-            writer,
-            checkpointer,
-            meta,
-            preemption,
-            log,
-            peak,
-            flops_token,
-            task_eval,
+        loop = _Loop(
+            trainer=trainer,
+            config=config,
+            data_dir=data_dir,
+            writer=writer,
+            checkpointer=checkpointer,
+            meta=meta,
+            preemption=preemption,
+            log=log,
+            peak=peak,
+            flops_token=flops_token,
+            task_eval=task_eval,
         )
+        state, last = loop.run(state, iterator)
     finally:
         writer.close()
         if checkpointer is not None:
@@ -410,121 +408,128 @@ def _with_params(trainer, state, params):
     return state.replace(params=params)
 
 
-def _run(
-    trainer,
-    state,
-    iterator,
-    config,
-    model_config,
-    data_dir,
-    writer,
-    checkpointer,
-    meta,
-    preemption,
-    log,
-    peak,
-    flops_token,
-    task_eval,
-):
-    """The step loop proper. Returns (final state, last logged record)."""
-    mesh = trainer.mesh
-    tokens_per_step = config.batch_size * config.seq_len
-    start_step = int(state.step)
-    save_every = checkpointer.save_every if checkpointer else 0
-    last = {}
-    pending = None  # (step, metrics) of the previous step, read one step late so the host
-    # never waits on the device between steps.
-    window_start, window_steps = time.perf_counter(), 0
-    run_start = time.perf_counter()
-    first_step_s = None
-    watchdog = Watchdog(config.watchdog_s, log)
-    try:
-        with jax.set_mesh(mesh):
-            for step in range(start_step, config.num_steps):
-                batch = sharding.global_batch(mesh, next(iterator))
-                state, metrics = trainer.train_step(state, batch)
-                if first_step_s is None:
-                    jax.block_until_ready(metrics["loss"])
-                    first_step_s = time.perf_counter() - run_start
-                    log(f"step {step + 1}: compiled and ran the first step in {first_step_s:.1f}s")
-                    watchdog.beat()
-                    window_start, window_steps = time.perf_counter(), 0
-                else:
-                    window_steps += 1
-                if pending is not None:
-                    _check_finite(*pending)  # Waits for the previous step: it completed.
-                    watchdog.beat()
-                pending = (step + 1, metrics)
-                done = step + 1
-                record = None
-                if done % config.log_every == 0 or done == config.num_steps:
-                    _check_finite(*pending)
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_s = window_steps * tokens_per_step / elapsed if window_steps else 0.0
-                    record = {
-                        "loss": float(metrics["loss"]),
-                        "accuracy": float(metrics["accuracy"]),
-                        "grad_norm": float(metrics["grad_norm"]),
-                        "learning_rate": float(trainer.schedule(done - 1)),
-                        "tokens_per_s": tokens_per_s,
-                        "mfu": tokens_per_s * flops_token / peak if peak else 0.0,
-                    }
-                    if config.eval_every and (
-                        done % config.eval_every == 0 or done == config.num_steps
-                    ):
-                        val = evaluate(
-                            trainer,
-                            state.params,
-                            eval_batches(data_dir, "validation", config, config.eval_batches),
+@dataclasses.dataclass
+class _Loop:
+    """The step loop and what it needs besides the state and data, fixed for the run."""
+
+    trainer: Trainer
+    config: TrainConfig
+    data_dir: str
+    writer: MetricsWriter
+    checkpointer: Checkpointer | None
+    meta: dict
+    preemption: PreemptionNotice | None
+    log: Callable[[str], None]
+    peak: float  # FLOP/s of every device together (MFU's denominator).
+    flops_token: float
+    task_eval: Callable[..., dict] | None
+
+    def run(self, state, iterator):
+        """Steps from state.step to config.num_steps. Returns (final state, last record)."""
+        config, trainer = self.config, self.trainer
+        start_step = int(state.step)
+        last = {}
+        pending = None  # (step, metrics) of the previous step, read one step late so the
+        # host never waits on the device between steps.
+        window_start, window_steps = time.perf_counter(), 0
+        run_start = time.perf_counter()
+        first_step_s = None
+        watchdog = Watchdog(config.watchdog_s, self.log)
+        try:
+            with jax.set_mesh(trainer.mesh):
+                for step in range(start_step, config.num_steps):
+                    batch = sharding.global_batch(trainer.mesh, next(iterator))
+                    state, metrics = trainer.train_step(state, batch)
+                    if first_step_s is None:
+                        jax.block_until_ready(metrics["loss"])
+                        first_step_s = time.perf_counter() - run_start
+                        self.log(
+                            f"step {step + 1}: compiled and ran the first step in "
+                            f"{first_step_s:.1f}s"
                         )
-                        record["val_loss"] = val["loss"]
-                        record["val_accuracy"] = val["accuracy"]
                         watchdog.beat()
-                    if (
-                        task_eval
-                        and config.task_eval_every
-                        and (done % config.task_eval_every == 0 or done == config.num_steps)
-                    ):
-                        tasks = task_eval(trainer.graphdef, state.params, mesh)
-                        record.update(tasks)
+                        window_start, window_steps = time.perf_counter(), 0
+                    else:
+                        window_steps += 1
+                    if pending is not None:
+                        _check_finite(*pending)  # Waits for the previous step: it completed.
                         watchdog.beat()
-                        log(f"step {done} evaluation: " + _format_tasks(tasks))
-                    writer.write(done, record)
-                    remaining = config.num_steps - done
-                    eta = remaining * tokens_per_step / tokens_per_s if tokens_per_s else 0.0
-                    log(
-                        f"step {done}/{config.num_steps}  loss {record['loss']:.4f}"
-                        + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else "")
-                        + f"  lr {record['learning_rate']:.2e}  {tokens_per_s:,.0f} tok/s"
-                        + f"  MFU {100 * record['mfu']:.1f}%  ETA {format_duration(eta)}"
-                    )
-                    last = record
-                    window_start, window_steps = time.perf_counter(), 0
-                # Every process must agree, or hosts save different steps and a collective hangs.
-                preempted = _preemption_agreed(preemption, done, config.preemption_sync_every)
-                if checkpointer and (
-                    done % save_every == 0 or done == config.num_steps or preempted
-                ):
-                    _check_finite(*pending)  # Never save a state whose loss is NaN.
-                    val_loss = (record or {}).get("val_loss")
-                    checkpointer.save(
-                        done,
-                        state,
-                        iterator,
-                        meta,
-                        metrics={"val_loss": val_loss} if val_loss is not None else None,
-                    )
-                    watchdog.beat()
-                if preempted:
-                    if checkpointer:
-                        checkpointer.wait()
-                    raise Preempted(done)
-        if checkpointer:
-            checkpointer.wait()
-    finally:
-        watchdog.stop()
-    last["first_step_s"] = first_step_s or 0.0
-    return state, last
+                    pending = (step + 1, metrics)
+                    done = step + 1
+                    record = None
+                    if done % config.log_every == 0 or done == config.num_steps:
+                        _check_finite(*pending)
+                        elapsed = time.perf_counter() - window_start
+                        record = self._record(done, state, metrics, window_steps, elapsed)
+                        watchdog.beat()
+                        last = record
+                        window_start, window_steps = time.perf_counter(), 0
+                    self._checkpoint(done, state, iterator, pending, record, watchdog)
+            if self.checkpointer:
+                self.checkpointer.wait()
+        finally:
+            watchdog.stop()
+        last["first_step_s"] = first_step_s or 0.0
+        return state, last
+
+    def _due(self, done: int, every: int) -> bool:
+        return bool(every) and (done % every == 0 or done == self.config.num_steps)
+
+    def _record(self, done, state, metrics, window_steps, elapsed) -> dict:
+        """Logs step `done`: training metrics, and evaluations when due."""
+        config, trainer = self.config, self.trainer
+        tokens_per_step = config.batch_size * config.seq_len
+        tokens_per_s = window_steps * tokens_per_step / elapsed if window_steps else 0.0
+        record = {
+            "loss": float(metrics["loss"]),
+            "accuracy": float(metrics["accuracy"]),
+            "grad_norm": float(metrics["grad_norm"]),
+            "learning_rate": float(trainer.schedule(done - 1)),
+            "tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * self.flops_token / self.peak if self.peak else 0.0,
+        }
+        if self._due(done, config.eval_every):
+            batches = eval_batches(self.data_dir, "validation", config, config.eval_batches)
+            val = evaluate(trainer, state.params, batches)
+            record["val_loss"] = val["loss"]
+            record["val_accuracy"] = val["accuracy"]
+        if self.task_eval and self._due(done, config.task_eval_every):
+            tasks = self.task_eval(trainer.graphdef, state.params, trainer.mesh)
+            record.update(tasks)
+            self.log(f"step {done} evaluation: " + _format_tasks(tasks))
+        self.writer.write(done, record)
+        remaining = config.num_steps - done
+        eta = remaining * tokens_per_step / tokens_per_s if tokens_per_s else 0.0
+        self.log(
+            f"step {done}/{config.num_steps}  loss {record['loss']:.4f}"
+            + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else "")
+            + f"  lr {record['learning_rate']:.2e}  {tokens_per_s:,.0f} tok/s"
+            + f"  MFU {100 * record['mfu']:.1f}%  ETA {format_duration(eta)}"
+        )
+        return record
+
+    def _checkpoint(self, done, state, iterator, pending, record, watchdog) -> None:
+        """Saves when due or preempted; on preemption waits for the save, raises Preempted."""
+        checkpointer = self.checkpointer
+        # Every process must agree, or hosts save different steps and a collective hangs.
+        preempted = _preemption_agreed(self.preemption, done, self.config.preemption_sync_every)
+        if checkpointer and (
+            done == self.config.num_steps or self._due(done, checkpointer.save_every) or preempted
+        ):
+            _check_finite(*pending)  # Never save a state whose loss is NaN.
+            val_loss = (record or {}).get("val_loss")
+            checkpointer.save(
+                done,
+                state,
+                iterator,
+                self.meta,
+                metrics={"val_loss": val_loss} if val_loss is not None else None,
+            )
+            watchdog.beat()
+        if preempted:
+            if checkpointer:
+                checkpointer.wait()
+            raise Preempted(done)
 
 
 def _format_tasks(metrics: dict) -> str:
