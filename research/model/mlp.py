@@ -7,6 +7,20 @@ from flax import nnx
 from research.model.dense import Dense
 
 
+def _into_mlp(dim, mlp_dim, kernel_init, **common) -> Dense:
+    """[D] -> [F], logical ("embed", "mlp")."""
+    return Dense(
+        (dim,), (mlp_dim,), in_axes=("embed",), out_axes=("mlp",), kernel_init=kernel_init, **common
+    )
+
+
+def _out_of_mlp(dim, mlp_dim, out_init, **common) -> Dense:
+    """[F] -> [D], logical ("mlp", "embed"): a residual projection."""
+    return Dense(
+        (mlp_dim,), (dim,), in_axes=("mlp",), out_axes=("embed",), kernel_init=out_init, **common
+    )
+
+
 class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer").
 
@@ -30,17 +44,9 @@ class SwiGLU(nnx.Module):
         rngs: nnx.Rngs,
     ):
         common = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
-        into = dict(in_axes=("embed",), out_axes=("mlp",), kernel_init=kernel_init, **common)
-        self.gate_proj = Dense((dim,), (mlp_dim,), **into)
-        self.up_proj = Dense((dim,), (mlp_dim,), **into)
-        self.down_proj = Dense(
-            (mlp_dim,),
-            (dim,),
-            in_axes=("mlp",),
-            out_axes=("embed",),
-            kernel_init=out_init,
-            **common,
-        )
+        self.gate_proj = _into_mlp(dim, mlp_dim, kernel_init, **common)
+        self.up_proj = _into_mlp(dim, mlp_dim, kernel_init, **common)
+        self.down_proj = _out_of_mlp(dim, mlp_dim, out_init, **common)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         """x: [B, T, D] compute dtype -> [B, T, D] compute dtype."""
@@ -71,22 +77,8 @@ class GeluMLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         common = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.fc = Dense(
-            (dim,),
-            (mlp_dim,),
-            in_axes=("embed",),
-            out_axes=("mlp",),
-            kernel_init=kernel_init,
-            **common,
-        )
-        self.proj = Dense(
-            (mlp_dim,),
-            (dim,),
-            in_axes=("mlp",),
-            out_axes=("embed",),
-            kernel_init=out_init,
-            **common,
-        )
+        self.fc = _into_mlp(dim, mlp_dim, kernel_init, **common)
+        self.proj = _out_of_mlp(dim, mlp_dim, out_init, **common)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         """x: [B, T, D] compute dtype -> [B, T, D] compute dtype."""
