@@ -9,8 +9,9 @@ One engine thread owns the device state and loops:
      (`Sampler.extend`), so a long prompt never stalls the running streams for more than one
      chunk; a finished prompt makes its slot live (`Sampler.activate`) and gives its full
      blocks to the prefix cache;
-  4. decode: one `Sampler.generate` call advances every live slot `steps_per_call` tokens;
-     new tokens are detokenized per request (stop strings cut exactly) and handed to the
+  4. decode: one `Sampler.generate` call advances every live slot `steps_per_call` tokens
+     (one token when a request has just finished its prompt, for a fast first token); new
+     tokens are detokenized per request (stop strings cut exactly) and handed to the
      request's callback, a slot that finished is free for the next loop.
 
 Requests arrive from any thread through `submit`, which validates them at once (UserError
@@ -415,7 +416,10 @@ class Engine:
             request.prompt_top.append(_pairs(top_ids_tn[t, :n], top_logprobs_tn[t, :n]))
 
     def _decode(self) -> None:
-        self._state, steps = self.sampler.generate(self._state)
+        # A request that just finished its prompt gets its first token from a one-step call
+        # (time to first token); the step is real for every other slot too.
+        fresh = any(r is not None and r.live and r.completion_tokens == 0 for r in self._slots)
+        self._state, steps = self.sampler.generate(self._state, 1 if fresh else 0)
         steps = jax.device_get(steps)
         now = time.monotonic()
         for slot, request in enumerate(self._slots):
