@@ -12,10 +12,9 @@ workers that differ abort the launch); run its `run` mode on every worker, which
 from <workdir>/logs; delete the queued resource after a successful run (unless
 --keep_resource).
 
-The per-worker script is idempotent (a pid file per run id: a second start waits for the first
-and reports its exit code), clears stale holders of /dev/accel* and /dev/vfio and the libtpu
-lock file, and maps exit codes so that ssh never exits 255 (gcloud re-runs such a command):
-0, 1 and 42 pass through, anything else becomes 2.
+The per-worker script (launch/pod_script.py) is idempotent (a pid file per run id), clears
+stale holders of the TPU and the libtpu lock file, and maps exit codes so that ssh never exits
+255 (gcloud re-runs such a command): 0, 1 and 42 pass through, anything else becomes 2.
 
 Supervisor: a run ending in 42 / 137 / 143, or failing while the queued resource is no longer
 ACTIVE (a preempted spot slice), is restarted (the resource recreated when needed) up to
@@ -28,7 +27,6 @@ stay the same, so every restart resumes from the last checkpoint.
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import re
 import shlex
@@ -40,42 +38,20 @@ import time
 
 from absl import app, flags
 
-from launch import cli, distributed
+from launch import cli, distributed, pod_script
 from launch import config as gin_config
+from launch.pod_script import compare_fingerprints
 from research import sharding
+from research import tpu as tpu_lib
 from research.errors import UserError
+from research.tpu import TPU_TYPES as TPU_TYPES  # Re-exported: the slice table.
+from research.tpu import TpuType
 from research.train import TrainConfig
 
 EXIT_FAILED = 2
 RESTART_CODES = (cli.EXIT_PREEMPTED, 137, 143)
 
 
-@dataclasses.dataclass(frozen=True)
-class TpuType:
-    name: str
-    chips: int  # JAX devices of the slice (one per chip; v4 / v5p megacore).
-    hosts: int  # TPU VM workers.
-
-
-def _tpu_types() -> dict[str, TpuType]:
-    types = {}
-    # v4 and v5p are named by TensorCores (2 per chip), 4 chips per host.
-    for family, sizes in (
-        ("v4", [2**k for k in range(3, 13)]),
-        ("v5p", [2**k for k in range(3, 14)] + [12288]),
-    ):
-        for cores in sizes:
-            chips = cores // 2
-            types[f"{family}-{cores}"] = TpuType(f"{family}-{cores}", chips, max(1, chips // 4))
-    # v5e / v6e are named by chips: up to 8 chips on one host, then 4 per host.
-    for family in ("v5litepod", "v6e"):
-        for chips in (1, 4, 8, 16, 32, 64, 128, 256):
-            name = f"{family}-{chips}"
-            types[name] = TpuType(name, chips, 1 if chips <= 8 else chips // 4)
-    return types
-
-
-TPU_TYPES = _tpu_types()
 DEFAULT_RUNTIME = {
     "v4": "tpu-ubuntu2204-base",
     "v5litepod": "v2-alpha-tpuv5-lite",
@@ -117,11 +93,7 @@ def validate(
     tpu, zone, project, workdir, name, gin_files, gin_bindings, provisioning_flags=()
 ) -> TpuType:
     """Every check that can fail before anything is created; returns the slice's type."""
-    if tpu not in TPU_TYPES:
-        family = tpu.split("-")[0]
-        known = sorted((t for t in TPU_TYPES if t.startswith(family + "-")), key=_size)
-        hint = ", ".join(known) if known else ", ".join(f"{f}-N" for f in DEFAULT_RUNTIME)
-        raise UserError(f"--tpu={tpu} is not a known TPU type; known: {hint}.")
+    tpu_type = tpu_lib.lookup(tpu)
     if not project:
         raise UserError("--project is required: the Google Cloud project of the TPU.")
     if not zone:
@@ -138,7 +110,6 @@ def validate(
         )
     if sum(bool(f) for f in provisioning_flags) > 1:
         raise UserError("--spot, --reserved and --best_effort exclude each other; pick one.")
-    tpu_type = TPU_TYPES[tpu]
     gin_config.parse(gin_files, gin_bindings)
     train_config = gin_config.build(TrainConfig)
     try:
@@ -155,10 +126,6 @@ def validate(
             f"axes (data x fsdp = {batch_shards}) and by the {tpu_type.hosts} hosts of --tpu={tpu}."
         )
     return tpu_type
-
-
-def _size(name: str) -> int:
-    return int(name.rsplit("-", 1)[1])
 
 
 # ----------------------------------------------------------------------------- gcloud argv
@@ -237,160 +204,10 @@ def xpk_argv(job: PodJob, cluster: str, docker_image: str, max_restarts: int) ->
 
 # ----------------------------------------------------------------------------- worker script
 
-_SCRIPT = r"""#!/bin/bash
-# Cirrus per-worker script for run @RUN_ID@ (rendered by launch/pod.py).
-#   bash @STAGE@.sh fingerprint   print this worker's environment fingerprint (one JSON line)
-#   bash @STAGE@.sh run           start launch.train (or wait for the one already running)
-# Exit codes: 0 done, 1 user error, 42 preempted, 2 anything else; never 255 (ssh's own).
-set -u
-RUN_ID=@RUN_ID_Q@
-WORKDIR=@WORKDIR_Q@
-PYTHON=@PYTHON_Q@
-STAGE="$HOME/@STAGE@"
-CODE_DIR="$STAGE/code"
-STATE_DIR="/tmp/cirrus/$RUN_ID"
-PID_FILE="$STATE_DIR/pid"
-EXIT_FILE="$STATE_DIR/exit_code"
-LOG_FILE="$STATE_DIR/train.log"
-mkdir -p "$STATE_DIR"
-
-map_exit_code() {
-  case "$1" in
-    0|1|42) echo "$1" ;;
-    *) echo 2 ;;
-  esac
-}
-
-worker_id() {
-  curl -sf -H Metadata-Flavor:Google \
-    http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number \
-    2>/dev/null || hostname
-}
-
-running_pid() {
-  local pid
-  pid=$(cat "$PID_FILE" 2>/dev/null) || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
-}
-
-unpack() {
-  rm -rf "$CODE_DIR" && mkdir -p "$CODE_DIR" && tar xzf "$STAGE.tar.gz" -C "$CODE_DIR"
-}
-
-clear_stale_tpu_holders() {
-  local dev pid
-  for dev in /dev/accel* /dev/vfio/*; do
-    [ -e "$dev" ] || continue
-    for pid in $(sudo lsof -t "$dev" 2>/dev/null || sudo fuser "$dev" 2>/dev/null); do
-      [ "$pid" = "$$" ] && continue
-      echo "cirrus: killing stale holder $pid of $dev"
-      sudo kill -9 "$pid" 2>/dev/null || true
-    done
-  done
-  sudo rm -f /tmp/libtpu_lockfile 2>/dev/null || rm -f /tmp/libtpu_lockfile
-}
-
-fingerprint() {
-  local code_hash
-  code_hash=$(cd "$CODE_DIR" && find . -type f -print0 | LC_ALL=C sort -z \
-    | xargs -0 sha256sum | sha256sum | cut -c1-16)
-  CIRRUS_WORKER="$(worker_id)" CIRRUS_CODE_HASH="$code_hash" "$PYTHON" - <<'EOF'
-import importlib.metadata as metadata, json, os, platform
-
-def version(*names):
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return None
-
-print("CIRRUS_FINGERPRINT " + json.dumps({
-    "worker": os.environ["CIRRUS_WORKER"],
-    "python": platform.python_version(),
-    "jax": version("jax"),
-    "jaxlib": version("jaxlib"),
-    "libtpu": version("libtpu", "libtpu-nightly"),
-    "code_hash": os.environ["CIRRUS_CODE_HASH"],
-}, sort_keys=True))
-EOF
-}
-
-run() {
-  local pid code worker
-  if pid=$(running_pid); then
-    echo "cirrus: run $RUN_ID already running as pid $pid; waiting for it"
-    while kill -0 "$pid" 2>/dev/null; do sleep 2; done
-    code=$(cat "$EXIT_FILE" 2>/dev/null || echo 2)
-    return "$(map_exit_code "$code")"
-  fi
-  echo $$ > "$PID_FILE"
-  rm -f "$EXIT_FILE"
-  unpack || return 2
-  cd "$CODE_DIR" || return 2
-  @SETUP@ || { echo "cirrus: setup failed"; return 2; }
-  clear_stale_tpu_holders
-  worker=$(worker_id)
-  fingerprint | sed 's/^CIRRUS_FINGERPRINT //' \
-    | gcloud storage cp - "$WORKDIR/fingerprints/worker_$worker.json" >/dev/null 2>&1 || true
-  export @DISTRIBUTED@=auto @RUN_ID_VAR@="$RUN_ID" PYTHONUNBUFFERED=1
-  @TRAIN@ 2>&1 | tee -a "$LOG_FILE"
-  code=${PIPESTATUS[0]}
-  echo "$code" > "$EXIT_FILE"
-  gcloud storage cp "$LOG_FILE" "$WORKDIR/logs/worker_$worker.log" >/dev/null 2>&1 || true
-  rm -f "$PID_FILE"
-  return "$(map_exit_code "$code")"
-}
-
-case "${1:-run}" in
-  fingerprint)
-    if ! running_pid >/dev/null; then unpack || exit 2; fi
-    fingerprint || exit 2 ;;
-  run) run; exit $? ;;
-  *) echo "usage: $0 fingerprint|run"; exit 2 ;;
-esac
-"""
-
 
 def render_script(job: PodJob) -> str:
-    """The bash script every worker runs (see the module docstring)."""
-    replacements = {
-        "@RUN_ID_Q@": shlex.quote(job.run_id),
-        "@WORKDIR_Q@": shlex.quote(job.workdir),
-        "@PYTHON_Q@": shlex.quote(job.python),
-        "@RUN_ID@": job.run_id,
-        "@STAGE@": job.stage,
-        "@SETUP@": job.setup_command or "true",
-        "@DISTRIBUTED@": distributed.DISTRIBUTED,
-        "@RUN_ID_VAR@": distributed.RUN_ID,
-        "@TRAIN@": shlex.join(train_argv(job)).replace(shlex.quote(job.python), '"$PYTHON"', 1),
-    }
-    script = _SCRIPT
-    for key, value in replacements.items():
-        script = script.replace(key, value)
-    return script
-
-
-def compare_fingerprints(output: str) -> list[dict]:
-    """Parses `CIRRUS_FINGERPRINT {...}` lines; workers that differ are a UserError."""
-    prints = [
-        json.loads(line.split(" ", 1)[1])
-        for line in output.splitlines()
-        if line.startswith("CIRRUS_FINGERPRINT ")
-    ]
-    if not prints:
-        raise UserError("no worker reported an environment fingerprint; see the output above.")
-    keys = ("python", "jax", "jaxlib", "libtpu", "code_hash")
-    first = {k: prints[0].get(k) for k in keys}
-    for other in prints[1:]:
-        differing = {k: (first[k], other.get(k)) for k in keys if other.get(k) != first[k]}
-        if differing:
-            raise UserError(
-                f"workers {prints[0].get('worker')} and {other.get('worker')} differ: "
-                + ", ".join(f"{k} {a} != {b}" for k, (a, b) in differing.items())
-                + "; fix the runtime image or --setup_command so every worker matches."
-            )
-    return prints
+    """The bash script every worker runs (launch/pod_script.py)."""
+    return pod_script.render_script(job, train_argv(job))
 
 
 def code_tarball(root: str = gin_config.ROOT) -> bytes:
@@ -533,10 +350,22 @@ def supervise(
 _FLAGS = {}
 
 
-def _define_flags():
-    f = flags
-    _FLAGS.update(
-        tpu=f.DEFINE_string("tpu", None, "TPU type, e.g. v5p-64, v5litepod-16, v6e-8."),
+class _Definer:
+    """flags.DEFINE_* bound to one FlagValues (launch.sweep checks pod flags in its own)."""
+
+    def __init__(self, flag_values):
+        self.flag_values = flag_values
+
+    def __getattr__(self, name):
+        define = getattr(flags, name)
+        return lambda *args, **kwargs: define(*args, flag_values=self.flag_values, **kwargs)
+
+
+def _define_flags(flag_values=flags.FLAGS) -> dict:
+    """Defines launch.pod's own flags in `flag_values`; returns {name: FlagHolder}."""
+    f = _Definer(flag_values)
+    defined = dict(
+        tpu=f.DEFINE_string("tpu", None, "TPU type, e.g. v5p-64, v5litepod-16 (or v5e-16), v6e-8."),
         zone=f.DEFINE_string("zone", None, "Zone of the TPU."),
         project=f.DEFINE_string("project", None, "Google Cloud project."),
         spot=f.DEFINE_bool("spot", False, "Spot capacity (preemptible)."),
@@ -554,19 +383,24 @@ def _define_flags():
         failure_budget=f.DEFINE_integer("failure_budget", 0, "Restarts after other failures."),
         keep_resource=f.DEFINE_bool("keep_resource", False, "Do not delete it after success."),
     )
+    if flag_values is flags.FLAGS:
+        _FLAGS.update(defined)
+    return defined
 
 
-def main(argv):
-    v = {key: flag.value for key, flag in _FLAGS.items()}
-    workdir = cli.WORKDIR.value or ""
+def build_job(v: dict, workdir: str, gin_files, gin_bindings, train_args) -> tuple:
+    """(PodJob, Paths) from launch.pod's flag values `v` ({flag name: value}), validated.
+
+    launch.sweep --backend=pod builds each trial's job through this as well.
+    """
+    workdir = workdir or ""
     run_id = v["run_id"] or default_run_id(workdir)
     name = v["name"] or "cirrus-" + run_id.removeprefix("pod-")
     provisioning_flags = (v["spot"], v["reserved"], v["best_effort"])
-    tpu = v["tpu"] or ""
+    tpu = tpu_lib.canonical_name(v["tpu"] or "")
     validate(
-        tpu, v["zone"], v["project"], workdir, name,
-        cli.GIN_FILES.value, cli.GIN_BINDINGS.value, provisioning_flags,
-    )  # fmt: skip
+        tpu, v["zone"], v["project"], workdir, name, gin_files, gin_bindings, provisioning_flags
+    )
     provisioning = "standard"
     for label, chosen in zip(("spot", "reserved", "best_effort"), provisioning_flags, strict=True):
         provisioning = label if chosen else provisioning
@@ -579,10 +413,24 @@ def main(argv):
         run_id=run_id,
         runtime_version=v["runtime_version"] or DEFAULT_RUNTIME[tpu.rsplit("-", 1)[0]],
         provisioning=provisioning,
-        gin_files=tuple(cli.GIN_FILES.value),
-        gin_bindings=tuple(cli.GIN_BINDINGS.value),
-        train_args=tuple(argv[1:]),
+        gin_files=tuple(gin_files),
+        gin_bindings=tuple(gin_bindings),
+        train_args=tuple(train_args),
         setup_command=v["setup_command"],
+    )
+    stage = os.path.join(tempfile.gettempdir(), "cirrus-pod", run_id)
+    paths = Paths(
+        tarball=os.path.join(stage, job.stage + ".tar.gz"),
+        script=os.path.join(stage, job.stage + ".sh"),
+        logs=os.path.join(stage, "logs"),
+    )
+    return job, paths
+
+
+def main(argv):
+    v = {key: flag.value for key, flag in _FLAGS.items()}
+    job, paths = build_job(
+        v, cli.WORKDIR.value, cli.GIN_FILES.value, cli.GIN_BINDINGS.value, argv[1:]
     )
     if v["backend"] == "xpk":
         if not v["cluster"] or not v["docker_image"]:
@@ -590,12 +438,6 @@ def main(argv):
         argv_xpk = xpk_argv(job, v["cluster"], v["docker_image"], v["preemption_budget"])
         print(shlex.join(argv_xpk), flush=True)
         sys.exit(0 if v["dry_run"] else min(Runner().call(argv_xpk), 254))
-    stage = os.path.join(tempfile.gettempdir(), "cirrus-pod", run_id)
-    paths = Paths(
-        tarball=os.path.join(stage, job.stage + ".tar.gz"),
-        script=os.path.join(stage, job.stage + ".sh"),
-        logs=os.path.join(stage, "logs"),
-    )
     if v["dry_run"]:
         print(dry_run_text(job, paths), flush=True)
         return 0

@@ -12,24 +12,36 @@ every train flag after `--` is validated before the first trial starts. Re-runni
 sweep skips finished trials and resumes unfinished ones from their checkpoints. At the end a
 table of final metrics per trial is printed and written to `<root>/<experiment>/summary.csv`.
 Values are gin literals; commas inside (), [] or quotes do not split them.
+
+--backend=pod makes every trial one `launch.pod` job (run one after another, each on its own
+queued resource named from its workdir, so a re-run resumes the same one):
+  python -m launch.sweep --backend=pod --root=gs://bucket/sweeps --tpu=v5p-64 --zone=Z \
+      --project=P [--pod_flag=--spot ...] --gin_file=... --sweep=... [--dry_run] -- [train flags]
+The root must be gs://; each trial's slice, mesh and batch are validated like launch.pod does
+before any trial starts; --dry_run prints each trial's launch.pod command and the gcloud
+commands it would run, and touches nothing (no gcloud needed).
 """
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import itertools
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
 from absl import app, flags
+from etils import epath
 
 import launch.train as train_main
-from launch import cli
+from launch import cli, pod
 from launch import config as gin_config
+from research import storage
 from research.checkpoint import CheckpointConfig
 from research.data import DataConfig
 from research.errors import UserError
@@ -56,10 +68,60 @@ SWEEP_DEVICES = flags.DEFINE_integer(
     "trial_devices_per_host", 1, "CPU devices per process (with --trial_hosts > 1)."
 )
 DRY_RUN = flags.DEFINE_bool("dry_run", False, "Validate, print each trial's command, run none.")
+# --backend=pod: every trial is one launch.pod job on its own slice.
+TPU = flags.DEFINE_string("tpu", None, "--backend=pod: TPU type of each trial, e.g. v5p-64.")
+ZONE = flags.DEFINE_string("zone", None, "--backend=pod: zone of the TPUs.")
+PROJECT = flags.DEFINE_string("project", None, "--backend=pod: Google Cloud project.")
+POD_FLAGS = flags.DEFINE_multi_string(
+    "pod_flag", [], "--backend=pod: a launch.pod flag for every trial, e.g. --pod_flag=--spot."
+)
 
 SUMMARY_FIELDS = ("step", "loss", "val_loss", "test_loss")
 # Flags the sweep sets itself for each trial.
 _RESERVED_FLAGS = ("workdir", "gin_file", "gin_bindings")
+# launch.pod flags the sweep sets per trial (or that would make trials share one slice).
+_RESERVED_POD_FLAGS = ("tpu", "zone", "project", "dry_run", "name", "run_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One sweep, from the flags (`from_flags`) or built directly by tests."""
+
+    root: str
+    gin_files: tuple = ()
+    gin_bindings: tuple = ()
+    train_args: tuple = ()
+    sweeps: tuple = ()  # --sweep specs, 'name=v1,v2'
+    sweep_mode: str = "product"
+    experiment: str | None = None
+    backend: str = "local"
+    trial_hosts: int = 1
+    trial_devices_per_host: int = 1
+    dry_run: bool = False
+    tpu: str | None = None
+    zone: str | None = None
+    project: str | None = None
+    pod_flags: tuple = ()
+
+    @classmethod
+    def from_flags(cls, argv) -> "Sweep":
+        return cls(
+            root=ROOT_DIR.value,
+            gin_files=tuple(cli.GIN_FILES.value),
+            gin_bindings=tuple(cli.GIN_BINDINGS.value),
+            train_args=tuple(argv[1:]),
+            sweeps=tuple(SWEEP.value),
+            sweep_mode=SWEEP_MODE.value,
+            experiment=EXPERIMENT.value,
+            backend=BACKEND.value,
+            trial_hosts=SWEEP_HOSTS.value,
+            trial_devices_per_host=SWEEP_DEVICES.value,
+            dry_run=DRY_RUN.value,
+            tpu=TPU.value,
+            zone=ZONE.value,
+            project=PROJECT.value,
+            pod_flags=tuple(POD_FLAGS.value),
+        )
 
 
 def split_values(text: str) -> list[str]:
@@ -184,19 +246,54 @@ def trial_command(workdir, gin_files, bindings, train_args, num_hosts, devices_p
     return command
 
 
+def pod_values(sweep: Sweep) -> dict:
+    """launch.pod's flag values for every trial: --tpu/--zone/--project plus --pod_flag's,
+    parsed by launch.pod's own flag definitions (so a misspelt one fails here)."""
+    if sweep.trial_hosts != 1:
+        raise UserError("--trial_hosts is for --backend=local; a pod trial uses every TPU host.")
+    reserved = _RESERVED_POD_FLAGS + _RESERVED_FLAGS
+    for flag in sweep.pod_flags:
+        name = flag[2:].partition("=")[0]
+        if not flag.startswith("--") or name in reserved or name.removeprefix("no") in reserved:
+            raise UserError(
+                f"--pod_flag={flag!r}: pass launch.pod flags as '--name=value'; --tpu, --zone "
+                "and --project are the sweep's own flags, and the workdir, gin config, name and "
+                "run id are set per trial."
+            )
+    values = flags.FlagValues()
+    pod_flags = pod._define_flags(values)
+    argv = ["launch.pod", f"--tpu={sweep.tpu or ''}", f"--zone={sweep.zone or ''}"]
+    argv += [f"--project={sweep.project or ''}", *sweep.pod_flags]
+    try:
+        values(argv)
+    except flags.Error as error:
+        raise UserError(f"--pod_flag: {error}") from None
+    return {name: holder.value for name, holder in pod_flags.items()}
+
+
+def pod_trial_command(sweep: Sweep, workdir: str, bindings) -> list[str]:
+    """`python -m launch.pod ...` for one trial: same gin files, the trial's bindings."""
+    command = [sys.executable, "-m", "launch.pod", f"--tpu={sweep.tpu}"]
+    command += [f"--zone={sweep.zone}", f"--project={sweep.project}", *sweep.pod_flags]
+    command += [f"--workdir={workdir}"]
+    command += [f"--gin_file={path}" for path in sweep.gin_files]
+    command += [f"--gin_bindings={binding}" for binding in bindings]
+    return command + (["--", *sweep.train_args] if sweep.train_args else [])
+
+
 def read_summary(workdir: str) -> dict:
     """Final metrics of one trial from metrics.jsonl (and eval_test.json when present)."""
     summary = {}
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(metrics):
+    metrics = f"{workdir}/metrics.jsonl"
+    if _exists(metrics):
         for line in _read(metrics).splitlines():
             record = json.loads(line)
             summary["step"] = record.get("step")
             summary["loss"] = record.get("loss")
             if "val_loss" in record:
                 summary["val_loss"] = record["val_loss"]
-    test = os.path.join(workdir, "eval_test.json")
-    if os.path.exists(test):
+    test = f"{workdir}/eval_test.json"
+    if _exists(test):
         summary["test_loss"] = json.loads(_read(test)).get("loss")
     return summary
 
@@ -229,60 +326,89 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def run_sweep(argv) -> int:
-    root = ROOT_DIR.value
-    if not root:
+def _trials(sweep: Sweep) -> tuple[str, list[dict]]:
+    """(experiment dir, one {overrides, workdir, bindings, command, pod} per trial), every
+    trial validated (gin, train flags, and for pods the slice) before any runs."""
+    if not sweep.root:
         raise UserError("--root is required: the directory that holds the sweep's trials.")
-    if BACKEND.value == "pod":
+    remote = storage.is_remote(sweep.root)
+    if sweep.backend == "pod" and not sweep.root.startswith("gs://"):
         raise UserError(
-            "--backend=pod is not wired to launch.pod yet (trials need gs:// workdirs and "
-            "--tpu/--zone/--project); run each trial with `python -m launch.pod`."
+            f"--root={sweep.root} must be a gs:// path with --backend=pod: every TPU worker "
+            "reads and writes its trial's workdir (e.g. --root=gs://my-bucket/sweeps)."
         )
-    gin_files, gin_bindings = cli.GIN_FILES.value, cli.GIN_BINDINGS.value
-    train_args = list(argv[1:])
-    sweeps = parse_sweeps(SWEEP.value)
-    trials = expand(sweeps, SWEEP_MODE.value)
-    validate_train_flags(train_args)
-    validate_bindings(gin_files, gin_bindings, trials)
-    experiment = EXPERIMENT.value or (
-        os.path.splitext(os.path.basename(gin_files[-1]))[0] if gin_files else "default"
+    if sweep.backend == "local" and remote:
+        raise UserError(f"--root={sweep.root}: --backend=local needs a local directory.")
+    sweeps = parse_sweeps(sweep.sweeps)
+    overrides_list = expand(sweeps, sweep.sweep_mode)
+    validate_train_flags(sweep.train_args)
+    validate_bindings(sweep.gin_files, sweep.gin_bindings, overrides_list)
+    experiment = sweep.experiment or (
+        os.path.splitext(os.path.basename(sweep.gin_files[-1]))[0] if sweep.gin_files else "default"
     )
-    experiment_dir = os.path.join(os.path.abspath(root), experiment)
-    names = [name for name, _ in sweeps]
-    _log(f"sweep: {len(trials)} trial(s) of {experiment} in {experiment_dir}")
+    root = sweep.root.rstrip("/") if remote else os.path.abspath(sweep.root)
+    experiment_dir = f"{root}/{experiment}"
+    values = pod_values(sweep) if sweep.backend == "pod" else None
+    trials = []
+    for overrides in overrides_list:
+        workdir = f"{experiment_dir}/{trial_dirname(overrides)}"
+        bindings = list(sweep.gin_bindings) + [f"{k} = {v}" for k, v in overrides.items()]
+        trial = {"overrides": overrides, "workdir": workdir, "bindings": bindings, "pod": None}
+        if values is None:
+            trial["command"] = trial_command(
+                workdir, sweep.gin_files, bindings, sweep.train_args,
+                sweep.trial_hosts, sweep.trial_devices_per_host,
+            )  # fmt: skip
+        else:
+            try:
+                trial["pod"] = pod.build_job(
+                    values, workdir, sweep.gin_files, bindings, sweep.train_args
+                )
+            except UserError as error:
+                shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "the base config"
+                raise UserError(f"trial {shown}: {error}") from None
+            trial["command"] = pod_trial_command(sweep, workdir, bindings)
+        trials.append(trial)
+    return experiment_dir, trials
+
+
+def run_sweep(sweep: Sweep, call=subprocess.call, log=_log) -> int:
+    """Runs (or with dry_run prints) every trial; returns the first failure's exit code."""
+    experiment_dir, trials = _trials(sweep)
+    experiment = experiment_dir.rsplit("/", 1)[1]
+    names = [name for name, _ in parse_sweeps(sweep.sweeps)]
+    log(f"sweep: {len(trials)} trial(s) of {experiment} in {experiment_dir}")
     rows, first_failure = [], 0
-    for overrides in trials:
-        workdir = os.path.join(experiment_dir, trial_dirname(overrides))
-        bindings = list(gin_bindings) + [f"{k} = {v}" for k, v in overrides.items()]
-        command = trial_command(
-            workdir, gin_files, bindings, train_args, SWEEP_HOSTS.value, SWEEP_DEVICES.value
-        )
-        trial = {
+    for trial in trials:
+        overrides, workdir, command = trial["overrides"], trial["workdir"], trial["command"]
+        record = {
             "experiment": experiment,
             "overrides": overrides,
-            "gin_files": list(gin_files),
-            "gin_bindings": bindings,
-            "train_flags": train_args,
+            "gin_files": list(sweep.gin_files),
+            "gin_bindings": trial["bindings"],
+            "train_flags": list(sweep.train_args),
             "command": command,
         }
-        path = os.path.join(workdir, "trial.json")
-        previous = json.loads(_read(path)) if os.path.exists(path) else {}
+        name = workdir.rsplit("/", 1)[1]
+        if sweep.dry_run:
+            log(f"sweep: {name}: " + shlex.join(command))
+            if trial["pod"] is not None:
+                for label, argv in pod.plan(*trial["pod"]):
+                    log(f"    # {label}\n    {shlex.join(argv)}")
+            continue
+        path = f"{workdir}/trial.json"
+        previous = json.loads(_read(path)) if _exists(path) else {}
         if previous and previous.get("overrides") != overrides:
             raise UserError(f"{path} belongs to other overrides {previous.get('overrides')}.")
-        name = os.path.basename(workdir)
-        if DRY_RUN.value:
-            _log(f"sweep: {name}: " + " ".join(command))
-            continue
         if previous.get("status") == "done" and previous.get("command") == command:
-            _log(f"sweep: {name}: already done, skipped")
+            log(f"sweep: {name}: already done, skipped")
             status = "done"
         else:
-            os.makedirs(workdir, exist_ok=True)
-            _write_json(path, dict(trial, status="running"))
-            _log(f"sweep: {name}: running{' (resuming)' if previous else ''}")
-            code = subprocess.call(command, cwd=gin_config.ROOT)
+            _write_json(path, dict(record, status="running"))
+            log(f"sweep: {name}: running{' (resuming)' if previous else ''}")
+            code = call(command, cwd=gin_config.ROOT)
             status = "done" if code == 0 else f"failed ({code})"
-            _write_json(path, dict(trial, status=status, exit_code=code))
+            _write_json(path, dict(record, status=status, exit_code=code))
             first_failure = first_failure or code
         rows.append(
             {
@@ -294,25 +420,37 @@ def run_sweep(argv) -> int:
         )
     if rows:
         text, csv_text = summary_table(rows, names)
-        with open(os.path.join(experiment_dir, "summary.csv"), "w") as out:
-            out.write(csv_text)
-        _log("\n" + text + f"\n\nsummary: {os.path.join(experiment_dir, 'summary.csv')}")
+        summary = f"{experiment_dir}/summary.csv"
+        _write(summary, csv_text)
+        log("\n" + text + f"\n\nsummary: {summary}")
     return min(first_failure, 254)
 
 
 def _read(path) -> str:
-    with open(path) as file:
-        return file.read()
+    return epath.Path(path).read_text()
 
 
-def _write_json(path, value):
+def _exists(path) -> bool:
+    return epath.Path(path).exists()
+
+
+def _write(path, text: str) -> None:
+    """Writes text (atomically for local paths; a gs:// object appears whole anyway)."""
+    if storage.is_remote(path):
+        epath.Path(path).write_text(text)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as out:
-        json.dump(value, out, indent=2)
+        out.write(text)
     os.replace(path + ".tmp", path)
 
 
+def _write_json(path, value):
+    _write(path, json.dumps(value, indent=2))
+
+
 def main(argv):
-    sys.exit(run_sweep(argv))
+    sys.exit(run_sweep(Sweep.from_flags(argv)))
 
 
 if __name__ == "__main__":
