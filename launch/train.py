@@ -47,6 +47,7 @@ def _log(message: str) -> None:
 
 def prepare_run(workdir: str):
     """Builds the configs and prepared data, writes config.gin; returns what train() needs."""
+    storage.check_bucket(workdir)  # First: gcsfs and s3fs would create a typo's bucket on mkdir.
     model_config = gin_config.build(ModelConfig)
     data_config = gin_config.build(DataConfig)
     train_config = gin_config.build(TrainConfig)

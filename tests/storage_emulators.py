@@ -1,4 +1,5 @@
-"""Real storage servers on 127.0.0.1 for tests: fake-gcs-server (GCS JSON API).
+"""Real storage servers on 127.0.0.1 for tests: fake-gcs-server (GCS JSON API) and moto's
+S3 server.
 
 Started by the fixture that needs it and stopped by PID when it is done; never mocked.
 """
@@ -8,6 +9,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -70,6 +72,47 @@ def fake_gcs_server(buckets=("bucket",)):
             )
             urllib.request.urlopen(request).read()
         os.environ.update(gcs_environment(url))
+        yield url
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        process.terminate()
+        process.wait(timeout=10)
+
+
+# What botocore / s3fs and TensorStore's s3 driver need to talk to the emulator: the endpoint,
+# a region and (any) static keys, so nothing probes ~/.aws or an instance metadata server.
+def s3_environment(url: str) -> dict:
+    return {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def create_s3_bucket(url: str, bucket: str) -> None:
+    """Creates `bucket` with a plain (unsigned; moto accepts it) CreateBucket request."""
+    request = urllib.request.Request(f"{url}/{bucket}", data=b"", method="PUT")
+    urllib.request.urlopen(request, timeout=10).read()
+
+
+@contextlib.contextmanager
+def moto_s3_server(buckets=("bucket",)):
+    """Yields the URL of moto's S3 server (its own process) with `buckets` created; sets the
+    environment meanwhile."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = dict(os.environ)
+    try:
+        _wait_http(url + "/moto-api/", process)
+        for bucket in buckets:
+            create_s3_bucket(url, bucket)
+        os.environ.update(s3_environment(url))
         yield url
     finally:
         os.environ.clear()

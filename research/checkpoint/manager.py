@@ -17,9 +17,10 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
+from research import storage
+from research.checkpoint import s3
 from research.errors import UserError
 
 ITEMS = ("params", "opt_state", "data", "meta")
@@ -40,26 +41,6 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, "ckpt")
 
 
-def _check_bucket(directory: str) -> None:
-    """A missing or unreachable bucket is a clear error before any work is done."""
-    if "://" not in directory:
-        return
-    scheme, rest = directory.split("://", 1)
-    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
-    try:
-        exists = epath.Path(bucket).exists()
-    except Exception as error:  # Network down, permission denied: shown to the user.
-        raise UserError(
-            f"cannot reach {bucket} for checkpoints ({type(error).__name__}: {error}); check "
-            f"the credentials, the network and the bucket name in --workdir."
-        ) from error
-    if not exists:
-        raise UserError(
-            f"the bucket {bucket} does not exist (checkpoint directory {directory}); create it "
-            f"or fix --workdir."
-        )
-
-
 def _handlers():
     return {
         "params": ocp.StandardCheckpointHandler(),
@@ -75,7 +56,9 @@ class Checkpointer:
     def __init__(self, workdir: str, config: CheckpointConfig = CheckpointConfig()):
         self.directory = checkpoint_dir(workdir)
         self.save_every = config.save_every
-        _check_bucket(self.directory)
+        storage.check_bucket(self.directory, purpose="checkpoints")
+        if s3.is_s3(self.directory):
+            s3.install()  # TensorStore's s3 driver for Orbax's arrays (see s3.py).
         # The last `keep` steps, plus (optionally) the one with the lowest validation loss.
         policies = [checkpoint_managers.LatestN(n=config.keep)]
         if config.keep_best:
@@ -91,6 +74,9 @@ class Checkpointer:
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=config.async_save,
             create=True,
+            # S3 cannot rename a directory atomically: a step counts once its
+            # commit_success.txt exists. Elsewhere Orbax's default (rename; gs://: commit file).
+            atomicity_options=s3.atomicity_options() if s3.is_s3(self.directory) else None,
         )
         try:
             self.manager = ocp.CheckpointManager(
