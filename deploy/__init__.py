@@ -1,0 +1,1 @@
+"""Deployment: nginx (load-balancer config + renderer), k8s manifests, the Dockerfile."""
