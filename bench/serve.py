@@ -139,11 +139,12 @@ class RawEngine:
         return jax.block_until_ready(self.state)
 
     def _first_token(self):
-        """As at concurrency 1: extend + activate one slot, then one decode step."""
+        """As at concurrency 1: extend + activate one slot (which chooses the first token)."""
         self.state, _ = self.sampler.extend(self.state, 0, self.prompts[0], 0)
-        self.state = self.sampler.activate(self.state, 0, self.prompts[0], self.request)
-        self.state, out = self.sampler.generate(self.state, 1)
-        return jax.block_until_ready(out)
+        self.state, first = self.sampler.activate(self.state, 0, self.prompts[0], self.request)
+        out = jax.device_get(first)
+        self.state = self.sampler.release(self.state, 0)
+        return out
 
     def warm(self) -> None:
         self._decode(1)

@@ -7,11 +7,11 @@ One engine thread owns the device state and loops:
      prompt's leading blocks found in the prefix cache is copied into the slot;
   3. chunked prefill: at most `prefill_chunk` prompt tokens per loop go through the model
      (`Sampler.extend`), so a long prompt never stalls the running streams for more than one
-     chunk; a finished prompt makes its slot live (`Sampler.activate`) and gives its full
-     blocks to the prefix cache;
-  4. decode: one `Sampler.generate` call advances every live slot `steps_per_call` tokens
-     (one token when a request has just finished its prompt, for a fast first token); new
-     tokens are detokenized per request (stop strings cut exactly) and handed to the
+     chunk; a finished prompt makes its slot live (`Sampler.activate`, which also chooses
+     its first token: streamed at once, so time to first token is the prefill alone) and
+     gives its full blocks to the prefix cache;
+  4. decode: one `Sampler.generate` call advances every live slot `steps_per_call` tokens;
+     new tokens are detokenized per request (stop strings cut exactly) and handed to the
      request's callback, a slot that finished is free for the next loop.
 
 Requests arrive from any thread through `submit`, which validates them at once (UserError
@@ -316,7 +316,7 @@ class Engine:
         state = sampler.init_state()
         for bucket in length_buckets(self._chunk):
             state, _ = sampler.extend(state, 0, [0], 0, bucket=bucket)
-        state = sampler.activate(state, 0, [0], SamplingParams(max_new_tokens=2, temperature=0))
+        state, _ = sampler.activate(state, 0, [0], SamplingParams(max_new_tokens=3, temperature=0))
         state, _ = sampler.generate(state, 1)
         state = sampler.release(state, 0)
         state = state.replace(cache=self.prefix_cache.warm_up(state.cache))
@@ -398,12 +398,13 @@ class Engine:
                     self._keep_prompt_logprobs(request, scores, count, start)
                 request.prefilled += count
             if request.prefilled == len(prompt):
-                self._state = self.sampler.activate(
+                self._state, first = self.sampler.activate(
                     self._state, request.slot, prompt, request.params
                 )
                 request.live = True
                 copies = self.prefix_cache.plan_store(prompt)
                 self.prefix_cache.store(self._state.cache, request.slot, copies)
+                self._deliver(request.slot, request, jax.device_get(first), 0)
             if budget == 0:
                 return
 
@@ -416,51 +417,52 @@ class Engine:
             request.prompt_top.append(_pairs(top_ids_tn[t, :n], top_logprobs_tn[t, :n]))
 
     def _decode(self) -> None:
-        # A request that just finished its prompt gets its first token from a one-step call
-        # (time to first token); the step is real for every other slot too.
-        fresh = any(r is not None and r.live and r.completion_tokens == 0 for r in self._slots)
-        self._state, steps = self.sampler.generate(self._state, 1 if fresh else 0)
+        self._state, steps = self.sampler.generate(self._state)
         steps = jax.device_get(steps)
-        now = time.monotonic()
         for slot, request in enumerate(self._slots):
-            if request is None or not request.live:
+            if request is not None and request.live:
+                self._deliver(slot, request, steps, slot)
+
+    def _deliver(self, slot: int, request: _Request, steps, row: int) -> None:
+        """Hands row `row` of a Tokens (host copy) to the request in `slot`: text, stop
+        strings, metrics, its Output; frees the slot when the request is done."""
+        now = time.monotonic()
+        new_tokens, logprobs, tops, stopped = [], [], [], False
+        text = ""
+        n = request.params.num_logprobs
+        for j, token in enumerate(steps.tokens[row]):
+            if token < 0:  # Nothing chosen in that step (finished, or a pending token fed).
                 continue
-            new_tokens, logprobs, tops, stopped = [], [], [], False
-            text = ""
-            n = request.params.num_logprobs
-            for j, token in enumerate(steps.tokens[slot]):
-                if token < 0:
+            new_tokens.append(int(token))
+            logprobs.append(float(steps.logprobs[row, j]))
+            tops.append(_pairs(steps.top_ids[row, j, :n], steps.top_logprobs[row, j, :n]))
+            if request.stream is not None:
+                text += request.stream.add(int(token))
+                if request.stream.stopped:
+                    stopped = True
                     break
-                new_tokens.append(int(token))
-                logprobs.append(float(steps.logprobs[slot, j]))
-                tops.append(_pairs(steps.top_ids[slot, j, :n], steps.top_logprobs[slot, j, :n]))
-                if request.stream is not None:
-                    text += request.stream.add(int(token))
-                    if request.stream.stopped:
-                        stopped = True
-                        break
-            if not new_tokens:
-                continue
-            first = request.completion_tokens == 0
-            request.completion_tokens += len(new_tokens)
-            if first:
-                self.metrics.first_token(now - request.arrival)
-                self.metrics.tokens(1, None)
-                if len(new_tokens) > 1:
-                    self.metrics.tokens(len(new_tokens) - 1, 0.0)
-            else:
-                self.metrics.tokens(len(new_tokens), (now - request.last_emit) / len(new_tokens))
-            request.last_emit = now
-            reason = None
-            if stopped or new_tokens[-1] in request.params.stop_token_ids:
-                reason = "stop"
-            elif not steps.live[slot]:
-                reason = "length"
-            if reason is not None and request.stream is not None and not stopped:
-                text += request.stream.finish()
-            self._emit(request, reason, text, new_tokens, logprobs, tops)
-            if reason is not None:
-                self._free(slot, None, release=bool(steps.live[slot]))
+        device_live = bool(steps.live[row])
+        if not new_tokens and device_live:
+            return
+        if request.completion_tokens == 0:
+            self.metrics.first_token(now - request.arrival)
+            self.metrics.tokens(1, None)
+            if len(new_tokens) > 1:
+                self.metrics.tokens(len(new_tokens) - 1, 0.0)
+        else:
+            self.metrics.tokens(len(new_tokens), (now - request.last_emit) / len(new_tokens))
+        request.completion_tokens += len(new_tokens)
+        request.last_emit = now
+        reason = None
+        if stopped or (new_tokens and new_tokens[-1] in request.params.stop_token_ids):
+            reason = "stop"
+        elif not device_live:
+            reason = "length"
+        if reason is not None and request.stream is not None and not stopped:
+            text += request.stream.finish()
+        self._emit(request, reason, text, new_tokens, logprobs, tops)
+        if reason is not None:
+            self._free(slot, None, release=device_live)
 
     def _free(self, slot: int, abort_reason: str | None, release: bool = True) -> None:
         """Empties `slot`; with abort_reason, the request gets its last Output first."""

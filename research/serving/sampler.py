@@ -57,6 +57,9 @@ class DecodeState:
     output_counts: jax.Array  # [B, V] int32: generated-token counts (presence / frequency).
     seen: jax.Array  # [B, V] bool: prompt or generated tokens (repetition penalty).
     params: SlotParams
+    # [B] int32: a token already chosen (and reported) by `activate` but not yet fed through
+    # the model; the next decode step feeds it instead of choosing. -1 = none.
+    pending: jax.Array
 
 
 @flax.struct.dataclass
@@ -71,7 +74,8 @@ class Prefix:
 
 @flax.struct.dataclass
 class Tokens:
-    """What one `generate` call chose: [B, k] for k = steps_per_call; token -1 = none."""
+    """What one `generate` call chose: [B, k] for k = steps_per_call; token -1 = none (a
+    finished slot, or the step that fed a slot's pending first token: skip, do not stop)."""
 
     tokens: jax.Array  # int32
     logprobs: jax.Array  # float32, raw model log-probability of the token.
@@ -167,7 +171,11 @@ class Sampler:
             static_argnames="num_prompt_top",
             out_shardings=None if mesh is None else (shardings, None),
         )
-        self._activate = jax.jit(self._activate_fn, donate_argnums=0, out_shardings=shardings)
+        self._activate = jax.jit(
+            self._activate_fn,
+            donate_argnums=0,
+            out_shardings=None if mesh is None else (shardings, None),
+        )
 
     # ---- the jitted pieces -------------------------------------------------------------
 
@@ -186,6 +194,7 @@ class Sampler:
             output_counts=jnp.zeros((b, v), jnp.int32),
             seen=jnp.zeros((b, v), bool),
             params=jax.tree.map(jnp.asarray, slot_params([empty] * b, self.max_stop_tokens)),
+            pending=jnp.full((b,), -1, jnp.int32),
         )
 
     def _state_shardings(self) -> DecodeState:
@@ -224,6 +233,7 @@ class Sampler:
             output_counts=put(state.output_counts, jnp.zeros(seen_1v.shape, jnp.int32)),
             seen=put(state.seen, seen_1v),
             params=jax.tree.map(put, state.params, request),
+            pending=put(state.pending, jnp.full((1,), -1, jnp.int32)),
         )
 
     def _generate_fn(self, params, state: DecodeState, num_steps):
@@ -241,7 +251,7 @@ class Sampler:
         def step(carry):
             index, state, out = carry
             live_b = state.live
-            tokens_b, logprobs_b, top_ids_bn, top_logprobs_bn = choose_tokens(
+            chosen_b, logprobs_b, top_ids_bn, top_logprobs_bn = choose_tokens(
                 state.logits,
                 state.params,
                 state.output_counts,
@@ -249,14 +259,13 @@ class Sampler:
                 state.num_generated,
                 n,
             )
-            num_generated_b = state.num_generated + live_b
+            # A pending token (chosen by `activate`) is fed now; it was reported there.
+            has_pending_b = state.pending >= 0
+            tokens_b = jnp.where(has_pending_b, state.pending, chosen_b)
+            new_b = live_b & ~has_pending_b
+            num_generated_b = state.num_generated + new_b
             # The chosen token makes lengths + 1 tokens; feeding it needs a free cache row.
-            is_stop_b = jnp.any(tokens_b[:, None] == state.params.stop_token_ids, axis=-1)
-            done_b = (
-                is_stop_b
-                | (num_generated_b >= state.params.max_new_tokens)
-                | (state.lengths + 1 >= self.max_len)
-            )
+            done_b = new_b & self._done(tokens_b, num_generated_b, state.lengths, state.params)
             continues_b = live_b & ~done_b
             # Every slot computes (fixed shapes); finished ones write only their own row.
             positions_b = jnp.minimum(state.lengths, self.max_len - 1)
@@ -267,12 +276,13 @@ class Sampler:
                 lengths=state.lengths + continues_b,
                 num_generated=num_generated_b,
                 live=continues_b,
-                output_counts=state.output_counts.at[rows_b, tokens_b].add(live_b),
-                seen=state.seen.at[rows_b, tokens_b].max(live_b),
+                output_counts=state.output_counts.at[rows_b, tokens_b].add(new_b),
+                seen=state.seen.at[rows_b, tokens_b].max(new_b),
                 params=state.params,
+                pending=jnp.full_like(state.pending, -1),
             )
             out = Tokens(
-                tokens=out.tokens.at[:, index].set(jnp.where(live_b, tokens_b, -1)),
+                tokens=out.tokens.at[:, index].set(jnp.where(new_b, tokens_b, -1)),
                 logprobs=out.logprobs.at[:, index].set(logprobs_b),
                 top_ids=out.top_ids.at[:, index].set(top_ids_bn),
                 top_logprobs=out.top_logprobs.at[:, index].set(top_logprobs_bn),
@@ -287,8 +297,18 @@ class Sampler:
         _, state, out = jax.lax.while_loop(cond, step, (jnp.int32(0), state, out))
         return state, out.replace(live=state.live)
 
+    def _done(self, tokens_b, num_generated_b, lengths_b, params: SlotParams):
+        """Whether a just-chosen token ends its slot: a stop token, max_new_tokens, or no
+        cache row left to feed it."""
+        is_stop_b = jnp.any(tokens_b[:, None] == params.stop_token_ids, axis=-1)
+        return (
+            is_stop_b | (num_generated_b >= params.max_new_tokens) | (lengths_b + 1 >= self.max_len)
+        )
+
     def _release_fn(self, state: DecodeState, slot):
-        return state.replace(live=state.live.at[slot].set(False))
+        return state.replace(
+            live=state.live.at[slot].set(False), pending=state.pending.at[slot].set(-1)
+        )
 
     def _extend_fn(self, params, state, tokens_t, slot, start, num_real, next_t, num_prompt_top):
         model = nnx.merge(self.graphdef, params)
@@ -314,6 +334,9 @@ class Sampler:
         return state, (chosen_t, top_ids_tn, top_logprobs_tn)
 
     def _activate_fn(self, state: DecodeState, slot, prompt_s, length, request: SlotParams):
+        """Makes `slot` live and chooses its first token from the prompt's last logits (what
+        the first decode step would choose), so it can be streamed before any decode step."""
+
         def put(buffer, value):  # value: [1, ...] into buffer[slot].
             start = (slot,) + (0,) * (buffer.ndim - 1)
             return jax.lax.dynamic_update_slice(buffer, value.astype(buffer.dtype), start)
@@ -321,14 +344,32 @@ class Sampler:
         v = self.model_config.vocab_size
         in_prompt_s = jnp.arange(prompt_s.shape[0]) < length
         seen_1v = jnp.zeros((1, v), bool).at[0, prompt_s].max(in_prompt_s)
-        return state.replace(
+        counts_1v = jnp.zeros((1, v), jnp.int32)
+        logits_1v = jax.lax.dynamic_slice_in_dim(state.logits, slot, 1)
+        request = jax.tree.map(jnp.asarray, request)
+        token_1, logprob_1, top_ids_1n, top_logprobs_1n = choose_tokens(
+            logits_1v, request, counts_1v, seen_1v, jnp.zeros((1,), jnp.int32),
+            self.num_top_logprobs,
+        )  # fmt: skip
+        one_1 = jnp.ones((1,), jnp.int32)
+        done_1 = self._done(token_1, one_1, length[None], request)
+        state = state.replace(
             lengths=put(state.lengths, length[None]),
-            num_generated=put(state.num_generated, jnp.zeros((1,), jnp.int32)),
-            live=put(state.live, jnp.ones((1,), bool)),
-            output_counts=put(state.output_counts, jnp.zeros((1, v), jnp.int32)),
-            seen=put(state.seen, seen_1v),
+            num_generated=put(state.num_generated, one_1),
+            live=put(state.live, ~done_1),
+            output_counts=put(state.output_counts, counts_1v.at[0, token_1[0]].add(1)),
+            seen=put(state.seen, seen_1v.at[0, token_1[0]].set(True)),
             params=jax.tree.map(put, state.params, request),
+            pending=put(state.pending, jnp.where(done_1, -1, token_1)),
         )
+        first = Tokens(
+            tokens=token_1[:, None],
+            logprobs=logprob_1[:, None],
+            top_ids=top_ids_1n[:, None],
+            top_logprobs=top_logprobs_1n[:, None],
+            live=~done_1,
+        )
+        return state, first
 
     # ---- the public calls ---------------------------------------------------------------
 
@@ -455,9 +496,11 @@ class Sampler:
 
     def activate(
         self, state: DecodeState, slot: int, prompt_ids: Sequence[int], request: SamplingParams
-    ) -> DecodeState:
-        """Makes `slot` live once its whole prompt is in the cache (`extend`); its first token
-        comes from the next `generate`. The old state is donated."""
+    ) -> tuple[DecodeState, Tokens]:
+        """Makes `slot` live once its whole prompt is in the cache (`extend`) and chooses its
+        first token at once (Tokens of [1, 1]: stream it now; `live` False = the request
+        already ended: a stop token, max_new_tokens=1 or a full slot). Later tokens come from
+        `generate`. The old state is donated."""
         self.check_request(request)
         prompt_s = np.zeros((self.max_len,), np.int32)
         prompt_s[: len(prompt_ids)] = prompt_ids
@@ -549,7 +592,7 @@ class Sampler:
         stopped = False
         for j, token in enumerate(tokens):
             if token < 0:
-                break
+                continue
             if request.add(token, logprobs[j], top_ids[j], top_logprobs[j]):
                 stopped = True
                 break

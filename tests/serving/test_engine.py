@@ -63,15 +63,18 @@ def test_chunked_extend_equals_the_full_forward(model):
     state = sampler.init_state()
     for start in range(0, len(LONG), 10):  # Chunks of 10 into slot 1, padded to 16.
         state, _ = sampler.extend(state, 1, LONG[start : start + 10], start)
-    state = sampler.activate(state, 1, LONG, greedy)
     np.testing.assert_allclose(
         state.logits[1], full_logits(graphdef, params, [LONG])[0, -1], atol=1e-4
     )
-    state, steps = sampler.generate(state)
+    state, first = sampler.activate(state, 1, LONG, greedy)  # Chooses the first token.
+    state, steps = sampler.generate(state)  # Feeds it, then chooses the next 7.
     expected = generate_reference(
         graphdef, params, LONG, max_new_tokens=8, max_seq_len=CONFIG.max_seq_len
     )
-    assert list(np.asarray(steps.tokens[1])) == expected
+    assert int(first.tokens[0, 0]) == expected[0] and bool(first.live[0])
+    assert [int(t) for t in steps.tokens[1] if t >= 0] == expected[1:]
+    assert int(steps.tokens[1, 0]) == -1  # The step that fed the pending token chose none.
+    assert not bool(steps.live[1])  # max_new_tokens reached.
     assert not bool(steps.live[0])  # The other slot never started.
 
 
@@ -222,3 +225,11 @@ def test_tensor_parallel_engine_gives_the_single_device_tokens(engine, model):
         assert [tokens_of(o) for o in got] == [tokens_of(o) for o in want]
     finally:
         sharded.shutdown()
+
+
+def test_a_one_token_request_ends_at_its_first_token(engine, model):
+    (outputs,) = run(engine, [LONG], [SamplingParams(max_new_tokens=1, temperature=0.0)])
+    expected = generate_reference(*model, LONG, max_new_tokens=1, max_seq_len=CONFIG.max_seq_len)
+    assert tokens_of(outputs) == expected
+    assert outputs[-1].finish_reason == "length" and outputs[-1].completion_tokens == 1
+    assert engine.stats()["running"] == 0
