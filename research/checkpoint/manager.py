@@ -7,15 +7,27 @@ One Orbax step directory holds four items:
   meta       JSON: step, model config, operative gin config, prepared-data directory
 Saves are asynchronous; a step becomes visible only once complete (Orbax's atomic commit), so
 a crash mid-save leaves the previous step as the latest. Local paths, gs:// and s3:// work.
+
+Snapshot saves (`checkpoint.snapshot_save`, single-process runs): Orbax's own async save still
+holds the loop while it starts its threads and copies every array to the host (ref_small on
+CPU: 0.2-0.4 s, 10-25% of a step). Instead, `save` copies the state on the device (dispatched,
+not waited for), captures the data iterator's state, and hands both to a thread that makes the
+Orbax call; the loop goes on at once. The price is a second copy of params + optimizer state
+in device memory while the save runs, so it is used only where the devices report room for it
+(or report nothing, as CPUs do). Multi-process runs keep Orbax's path: its barriers must not
+run beside the training step's collectives.
 """
 
 import dataclasses
 import json
 import logging
+import math
 import os
+import threading
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -32,6 +44,8 @@ class CheckpointConfig:
     keep: int = 3  # How many of the latest steps to keep.
     keep_best: bool = False  # Also keep the step with the best validation loss.
     async_save: bool = True
+    # Copy the state on device and save from a thread (see the module docstring).
+    snapshot_save: bool = True
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -56,6 +70,10 @@ class Checkpointer:
     def __init__(self, workdir: str, config: CheckpointConfig = CheckpointConfig()):
         self.directory = checkpoint_dir(workdir)
         self.save_every = config.save_every
+        self.snapshot_save = config.snapshot_save and config.async_save
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+        self._snapshot_bytes: dict | None = None
         storage.check_bucket(self.directory, purpose="checkpoints")
         if s3.is_s3(self.directory):
             s3.install()  # TensorStore's s3 driver for Orbax's arrays (see s3.py).
@@ -96,13 +114,65 @@ class Checkpointer:
 
     def save(self, step: int, state, iterator, meta: dict, metrics: dict | None = None):
         """Starts an asynchronous save; the previous save must have finished (Orbax waits)."""
+        self._join()
+        meta = {**meta, "step": int(step)}
+        if not self._snapshot_fits(state):
+            self._save_now(step, state.params, state.opt_state, iterator, meta, metrics)
+            return
+        # Fresh buffers that the next (donating) train step cannot touch; one dispatch.
+        params, opt_state = _copy_tree((state.params, state.opt_state))
+        frozen = _FrozenIterator(iterator)  # The data position now, not when the thread runs.
+        self._thread = threading.Thread(
+            target=self._save_in_thread,
+            args=(step, params, opt_state, frozen, meta, metrics),
+            name=f"cirrus-save-{step}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _save_now(self, step, params, opt_state, iterator, meta, metrics):
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
             data=grain.checkpoint.CheckpointSave(iterator),
-            meta=ocp.args.JsonSave({**meta, "step": int(step)}),
+            meta=ocp.args.JsonSave(meta),
         )
         self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def _save_in_thread(self, *args):
+        try:
+            self._save_now(*args)
+        except BaseException as error:  # noqa: BLE001 - re-raised by the next save or wait.
+            self._thread_error = error
+
+    def _join(self) -> None:
+        """Waits for a snapshot save's thread to hand its save to Orbax; re-raises its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._thread_error = self._thread_error, None
+        if error is not None:
+            raise UserError(f"saving a checkpoint to {self.directory} failed: {error}") from error
+
+    def _snapshot_fits(self, state) -> bool:
+        """Whether to save from a device copy: enabled, async, one process, and room on every
+        device for a second copy of the state (CPUs report no limit)."""
+        if not (self.snapshot_save and jax.process_count() == 1):
+            return False
+        if self._snapshot_bytes is None:  # Per device; the state's layout never changes.
+            needed = {}
+            for leaf in jax.tree.leaves((state.params, state.opt_state)):
+                nbytes = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                for device in leaf.sharding.addressable_devices:
+                    needed[device] = needed.get(device, 0) + nbytes
+            self._snapshot_bytes = needed
+        needed = self._snapshot_bytes
+        for device, nbytes in needed.items():
+            stats = (device.memory_stats() if hasattr(device, "memory_stats") else None) or {}
+            limit = stats.get("bytes_limit")
+            if limit and stats.get("bytes_in_use", 0) + nbytes > 0.9 * limit:
+                return False
+        return True
 
     def save_params(self, step: int, params, meta: dict):
         """Saves the `params` and `meta` items alone (an imported model): `load_model` reads
@@ -115,6 +185,7 @@ class Checkpointer:
 
     def wait(self):
         """Blocks until pending saves are committed; a failed async save raises here."""
+        self._join()
         self.manager.wait_until_finished()
         self.manager.check_for_errors()
 
@@ -138,8 +209,29 @@ class Checkpointer:
         return self.manager.restore(step, args=args)["params"]
 
     def close(self):
+        self._join()
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+@jax.jit
+def _copy_tree(tree):
+    """Device copies of every array (one program; a jit's outputs never alias its inputs)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+class _FrozenIterator:
+    """A grain iterator's state captured now, for a save that runs later. grain's handler
+    writes `get_state().decode()` for what is not a DatasetIterator: the same JSON text."""
+
+    def __init__(self, iterator):
+        state = iterator.get_state()
+        if isinstance(iterator, grain.DatasetIterator):
+            state = json.dumps(state, indent=4).encode()
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return self._state
 
 
 def abstract_with_shardings(abstract_tree, shardings):

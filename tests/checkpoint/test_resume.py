@@ -1,6 +1,7 @@
 """Checkpoints that never lose a run: exact resume after SIGKILL, SIGTERM exit 42, reshard,
 corrupt-step fallback, config mismatch."""
 
+import functools
 import glob
 import json
 import os
@@ -285,3 +286,40 @@ def test_relative_workdir(tmp_path, monkeypatch):
     checkpointer.wait()
     checkpointer.close()
     assert (tmp_path / "relative" / "run" / "ckpt" / "1" / "commit_success.txt").exists()
+
+
+def test_snapshot_save_keeps_the_state_and_data_position_of_its_step(tmp_path):
+    """The loop goes on (donating the state, advancing the data) while the thread saves."""
+    import flax
+    import grain
+    import jax.numpy as jnp
+
+    @flax.struct.dataclass
+    class State:
+        params: dict
+        opt_state: dict
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state):  # A stand-in train step that donates (overwrites) its input buffers.
+        return jax.tree.map(lambda x: x * 2 + 1, state)
+
+    checkpointer = Checkpointer(str(tmp_path), CheckpointConfig())
+    assert checkpointer.snapshot_save  # On by default; CPUs report no memory limit.
+    iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+    for _ in range(7):
+        next(iterator)
+    state = State({"w": jnp.arange(6.0)}, {"m": jnp.full(4, 3.0)})
+    want = jax.tree.map(np.asarray, state)
+    checkpointer.save(1, state, iterator, {})
+    for _ in range(3):
+        state = step(state)
+        next(iterator)
+    checkpointer.wait()
+    restored_iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+    params, opt_state = checkpointer.restore(
+        1, jax.tree.map(jnp.zeros_like, state), restored_iterator
+    )
+    checkpointer.close()
+    np.testing.assert_array_equal(params["w"], want.params["w"])
+    np.testing.assert_array_equal(opt_state["m"], want.opt_state["m"])
+    assert next(restored_iterator) == 7  # The position at save time, not 10.
