@@ -96,11 +96,21 @@ def test_two_hosts_match_one_process(reference_run, data):
     assert sorted(losses) == list(range(1, NUM_STEPS + 1))
     # The same global batch in one process: each host's shard, side by side, on a 4-device
     # mesh of the same shape (and the same num_steps: it shapes the learning-rate schedule).
-    reference = _single_process_losses(workdir, data, num_hosts=2)
+    reference, params = _single_process_run(workdir, data, num_hosts=2)
     np.testing.assert_allclose([losses[s] for s in sorted(losses)], reference, rtol=2e-5)
+    # The checkpoint the 2 hosts wrote restores in this one process, onto another mesh, and
+    # holds the parameters the single-process run ended with.
+    from research.checkpoint import load_model
+
+    mesh = sharding.make_mesh((1, 1, 2), devices=jax.devices()[:2])
+    loaded = load_model(str(workdir), mesh=mesh, log=lambda _: None)
+    assert loaded.step == NUM_STEPS
+    for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-5)
 
 
-def _single_process_losses(workdir, data_bindings, num_hosts):
+def _single_process_run(workdir, data_bindings, num_hosts):
+    """The same training in this process: (logged losses, final parameters)."""
     from launch import config as gin_config
     from research.data import DataConfig, ensure_prepared, make_dataset
     from research.model import ModelConfig
@@ -148,7 +158,7 @@ def _single_process_losses(workdir, data_bindings, num_hosts):
         original_writer = loop.MetricsWriter
         loop.MetricsWriter = Writer
         try:
-            loop.train(
+            _, state, _ = loop.train(
                 model_config,
                 config.replace(log_every=1),
                 data_dir=prepared.directory,
@@ -160,7 +170,7 @@ def _single_process_losses(workdir, data_bindings, num_hosts):
             loop.MetricsWriter = original_writer
     finally:
         loop.make_dataset = original
-    return records
+    return records, state.params
 
 
 @pytest.mark.slow
