@@ -11,7 +11,6 @@ price.
 """
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -27,7 +26,7 @@ from research.model.attention import _MAX_QUERY_BLOCKS, _QUERY_BLOCK
 from research.train.config import TrainConfig
 from research.train.optimizer import make_optimizer
 from research.train.state import TrainState, abstract_model, state_shardings
-from research.train.step import train_step, train_step_accumulated
+from research.train.step import make_train_step
 
 GIB = 2**30
 _BATCH_FEATURES = {
@@ -282,16 +281,7 @@ def compiled_memory(model_config: ModelConfig, train_config: TrainConfig, mesh) 
         name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
         for name, dtype in _BATCH_FEATURES.items()
     }
-    if train_config.micro_batches > 1:
-        step = functools.partial(
-            train_step_accumulated,
-            graphdef=graphdef,
-            tx=tx,
-            micro_batches=train_config.micro_batches,
-            z_loss=train_config.z_loss,
-        )
-    else:
-        step = functools.partial(train_step, graphdef=graphdef, tx=tx, z_loss=train_config.z_loss)
+    step = make_train_step(train_config, graphdef=graphdef, tx=tx)
     jitted = jax.jit(
         step,
         in_shardings=(shardings, batch_sharding),

@@ -43,7 +43,7 @@ from research.train.metrics_writer import (
 )
 from research.train.optimizer import learning_rate_schedule, make_optimizer
 from research.train.state import TrainState, init_train_state
-from research.train.step import eval_step, train_step, train_step_accumulated
+from research.train.step import eval_step, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,16 +90,7 @@ def build_trainer(model_config: ModelConfig, config: TrainConfig, mesh=None) -> 
     check_batch_layout(config, mesh)
     tx = make_optimizer(config)
     graphdef, state, shardings = init_train_state(mesh, model_config, tx, config.seed)
-    if config.micro_batches > 1:
-        step = functools.partial(
-            train_step_accumulated,
-            graphdef=graphdef,
-            tx=tx,
-            micro_batches=config.micro_batches,
-            z_loss=config.z_loss,
-        )
-    else:
-        step = functools.partial(train_step, graphdef=graphdef, tx=tx, z_loss=config.z_loss)
+    step = make_train_step(config, graphdef=graphdef, tx=tx)
     batch_sharding = sharding.batch_sharding(mesh)
     jitted_step = jax.jit(
         step,

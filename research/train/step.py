@@ -4,6 +4,8 @@ A batch is a dict of [B, T] arrays: inputs, targets, positions, segment_ids (int
 weights (float32, 0 on padding).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -104,3 +106,17 @@ def eval_step(params, batch, *, graphdef):
     logits_btv = _forward(graphdef, params, batch)
     _, xent_sum, correct = cross_entropy(logits_btv, batch["targets"], batch["weights"])
     return {"loss_sum": xent_sum, "correct": correct, "tokens": jnp.sum(batch["weights"])}
+
+
+def make_train_step(config, *, graphdef, tx):
+    """The pure step a TrainConfig asks for (`train.micro_batches` > 1: accumulated), with
+    its static arguments bound: step(state, batch) -> (state, metrics). Not jitted."""
+    if config.micro_batches > 1:
+        return functools.partial(
+            train_step_accumulated,
+            graphdef=graphdef,
+            tx=tx,
+            micro_batches=config.micro_batches,
+            z_loss=config.z_loss,
+        )
+    return functools.partial(train_step, graphdef=graphdef, tx=tx, z_loss=config.z_loss)
