@@ -7,8 +7,11 @@ import importlib.util
 import json
 import os
 
+import gguf
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from research.checkpoint import gguf as cirrus_gguf
 from research.checkpoint import load_pretrained
@@ -19,9 +22,6 @@ from research.serving import generate_reference
 from research.train.state import abstract_model
 from tests.checkpoint.test_hf import cirrus_logits, randomize, torch_logits
 
-gguf = pytest.importorskip("gguf")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 Q8_0, F16, F32 = (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16,
                   gguf.GGMLQuantizationType.F32)  # fmt: skip
 

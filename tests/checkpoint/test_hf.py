@@ -11,6 +11,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
 from research.checkpoint import hf
@@ -21,8 +23,6 @@ from research.model import Decoder, ModelConfig
 from research.serving import generate_reference
 from research.train.state import abstract_model
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 # Distinct sizes (STYLE.md section 7): D=24, N=4, K=2, H=6, F=40, V=67.

@@ -1,35 +1,19 @@
 """launch.convert and launch.train --init_from as a user runs them: subprocesses, real flags."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import transformers
 
-from launch.config import ROOT
 from research.checkpoint import load_model, load_pretrained
 from research.checkpoint.param_arrays import to_flat
 from research.data import Tokenizer, train_tokenizer
 from tests.checkpoint.test_hf import cirrus_logits, randomize, torch_logits
+from tests.launch.test_sample_eval import run_module
 from tests.launch.test_train_cli import TINY_RUN
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 TEXT = "Once more unto the breach, dear friends, once more; or close the wall up with our dead."
-
-
-def _run(module, args, timeout=300):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +35,7 @@ def hf_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(hf_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run") / "imported"
-    result = _run("launch.convert", [f"--from_hf={hf_dir[0]}", f"--workdir={workdir}"])
+    result = run_module("launch.convert", [f"--from_hf={hf_dir[0]}", f"--workdir={workdir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
@@ -78,7 +62,7 @@ def test_load_pretrained_reads_an_imported_run(imported):
 
 def test_convert_to_hf_loads_in_transformers(hf_dir, imported, tmp_path):
     _, model, tokenizer = hf_dir
-    result = _run("launch.convert", [f"--workdir={imported}", f"--to_hf={tmp_path / 'out'}"])
+    result = run_module("launch.convert", [f"--workdir={imported}", f"--to_hf={tmp_path / 'out'}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "as qwen2" in result.stdout
     exported = transformers.AutoModelForCausalLM.from_pretrained(
@@ -100,7 +84,9 @@ def test_convert_from_gguf_then_load_model(tmp_path):
     model = randomize(transformers.LlamaForCausalLM(config))
     weights = write_llama_gguf(tmp_path / "m.gguf", model, "llama", Q8_0, tokenizer=tokenizer)
     workdir = tmp_path / "run"
-    result = _run("launch.convert", [f"--from_gguf={tmp_path / 'm.gguf'}", f"--workdir={workdir}"])
+    result = run_module(
+        "launch.convert", [f"--from_gguf={tmp_path / 'm.gguf'}", f"--workdir={workdir}"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = load_model(str(workdir))
     assert loaded.tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
@@ -121,13 +107,13 @@ def test_convert_from_gguf_then_load_model(tmp_path):
     ],
 )
 def test_convert_user_errors_exit_1(args, message, tmp_path):
-    result = _run("launch.convert", [*args, f"--workdir={tmp_path / 'w'}"])
+    result = run_module("launch.convert", [*args, f"--workdir={tmp_path / 'w'}"])
     assert result.returncode == 1, result.stderr[-3000:]
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_convert_refuses_a_workdir_with_checkpoints(hf_dir, imported):
-    result = _run("launch.convert", [f"--from_hf={hf_dir[0]}", f"--workdir={imported}"])
+    result = run_module("launch.convert", [f"--from_hf={hf_dir[0]}", f"--workdir={imported}"])
     assert result.returncode == 1 and "already holds checkpoints" in result.stderr
 
 
@@ -148,7 +134,7 @@ def test_train_init_from_starts_at_imported_weights(hf_dir, tmp_path):
     workdir = tmp_path / "finetune"
     flags = ["--gin_file=configs/experiment/demo.gin", f"--workdir={workdir}", "--sample_tokens=4"]
     flags += [f"--init_from={hf_dir[0]}"] + [f"--gin_bindings={b}" for b in bindings]
-    result = _run("launch.train", flags)
+    result = run_module("launch.train", flags)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "--init_from: hf" in result.stdout
     operative = (workdir / "config.gin").read_text()

@@ -11,7 +11,8 @@ from launch.config import ROOT
 from tests.launch.test_train_cli import TINY_RUN
 
 
-def _run(module, args, timeout=300):
+def run_module(module, args, timeout=300):
+    """`python -m module args` from the repo root on 2 CPU devices; the CompletedProcess."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     return subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -34,7 +35,7 @@ def trained(tmp_path_factory):
         (corpus / f"scene{index}.md").write_text(f"# Scene {index}\n\n**KING**\n{text}\n")
     workdir = root / "run"
     bindings = TINY_RUN + [f"data.sources = ('{corpus}',)", f"data.cache_dir = '{root}/cache'"]
-    result = _run(
+    result = run_module(
         "launch.train",
         ["--gin_file=configs/experiment/demo.gin", f"--workdir={workdir}", "--sample_prompt="]
         + [f"--gin_bindings={b}" for b in bindings],
@@ -45,7 +46,7 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sample_streams_every_sample(trained):
-    result = _run(
+    result = run_module(
         "launch.sample",
         [f"--workdir={trained}", "--prompt=Once more", "--max_new_tokens=12"]
         + ["--temperature=0.9", "--top_k=20", "--top_p=0.95", "--seed=3", "--num_samples=2"],
@@ -62,7 +63,7 @@ def test_eval_writes_json_and_markdown_reports(trained, tmp_path):
     task.write_text(
         json.dumps({"context": "Once more unto the", "choices": [" breach", " sea"], "answer": 0})
     )
-    result = _run(
+    result = run_module(
         "launch.eval",
         [f"--workdir={trained}", "--gin_bindings=eval.stride = 16"]
         + [f"--gin_bindings=eval.choice_tasks = ('{task}',)", "--gin_bindings=eval.cloze_items=8"],
@@ -88,12 +89,12 @@ def test_eval_writes_json_and_markdown_reports(trained, tmp_path):
     ],
 )
 def test_bad_flags_exit_1_with_a_message(module, args, fragment, tmp_path):
-    result = _run(module, [f"--workdir={tmp_path}", *args], timeout=120)
+    result = run_module(module, [f"--workdir={tmp_path}", *args], timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert fragment in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_checkpoint_is_a_user_error(tmp_path):
-    result = _run("launch.sample", [f"--workdir={tmp_path}", "--prompt=x"], timeout=120)
+    result = run_module("launch.sample", [f"--workdir={tmp_path}", "--prompt=x"], timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "no checkpoint" in result.stderr

@@ -40,8 +40,12 @@ FLAGS = [
 
 pytestmark = [
     pytest.mark.slow,
+    # nginx is a system package, not a pip one: `make test` installs it with apt-get, which
+    # needs root and a Debian package mirror. Only a machine where that cannot run skips.
     pytest.mark.skipif(
-        NGINX is None, reason="nginx is not installed: apt-get install -y nginx (Debian)"
+        NGINX is None,
+        reason="nginx is not installed and make test could not apt-get it (needs root and a "
+        "Debian mirror): apt-get install -y nginx",
     ),
 ]
 
