@@ -11,21 +11,22 @@ from research.serving import kv_cache
 from tests.serving.helpers import FAMILIES, full_logits, random_split
 
 
+@pytest.mark.parametrize("num_rows", [2, 1])  # decode_step writes one slot's cache apart.
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cached_decode_matches_full_forward_at_every_position(family):
+def test_cached_decode_matches_full_forward_at_every_position(family, num_rows):
     config = FAMILIES[family]
     graphdef, params = random_split(config)
     tokens_bt = np.random.default_rng(1).integers(0, config.vocab_size, (2, 12)).astype(np.int32)
-    expected_btv = full_logits(graphdef, params, tokens_bt)
     # Row 0 is prefilled with 3 tokens, row 1 with 6: each decodes at its own position.
-    prompt_lengths = np.array([3, 6], np.int32)
+    tokens_bt, prompt_lengths = tokens_bt[-num_rows:], np.array([3, 6], np.int32)[-num_rows:]
+    expected_btv = full_logits(graphdef, params, tokens_bt)
     max_len = 16
 
     @jax.jit
     def run(params):
         model = nnx.merge(graphdef, params)
         prefill_logits_btv, prefix = kv_cache.prefill(model, jnp.asarray(tokens_bt[:, :8]))
-        cache = kv_cache.init_cache(config, 2, max_len)
+        cache = kv_cache.init_cache(config, num_rows, max_len)
         cache = jax.tree.map(lambda c, p: c.at[:, :, : p.shape[2]].set(p), cache, prefix)
         positions_b = jnp.asarray(prompt_lengths)
         step_logits = []
@@ -57,9 +58,18 @@ def test_decode_attention_equals_the_model_attention(num_kv_heads):
     b, s, n, h = 3, 7, 4, 5
     q_bnh = rng.normal(size=(b, n, h)).astype(np.float32)
     k_bskh, v_bskh = rng.normal(size=(2, b, s, num_kv_heads, h)).astype(np.float32)
-    mask_bs = np.arange(s)[None] <= np.array([[0], [3], [6]])
+    positions = np.array([[0], [3], [6]])
+    mask_bs = np.arange(s)[None] <= positions
     expected = dot_product_attention(q_bnh[:, None], k_bskh, v_bskh, mask_bs[:, None])[:, 0]
-    got = kv_cache.decode_attention(
-        q_bnh, k_bskh.transpose(0, 2, 1, 3), v_bskh.transpose(0, 2, 1, 3), mask_bs
-    )
+    k_bksh, v_bksh = k_bskh.transpose(0, 2, 1, 3), v_bskh.transpose(0, 2, 1, 3)
+    got = kv_cache.decode_attention(q_bnh, k_bksh, v_bksh, mask_bs)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # The token's own key and value given apart, its cache row not written yet (garbage).
+    rows = np.arange(b)
+    own_kv = k_bksh[rows, :, positions[:, 0]], v_bksh[rows, :, positions[:, 0]]
+    stale_k, stale_v = k_bksh.copy(), v_bksh.copy()
+    stale_k[rows, :, positions[:, 0]] = 1e3
+    stale_v[rows, :, positions[:, 0]] = -1e3
+    earlier_bs = np.arange(s)[None] < positions
+    got = kv_cache.decode_attention(q_bnh, stale_k, stale_v, earlier_bs, own_kv)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
