@@ -11,7 +11,7 @@ from research.serving import kv_cache
 from tests.serving.helpers import FAMILIES, full_logits, random_split
 
 
-@pytest.mark.parametrize("num_rows", [2, 1])  # decode_step writes one slot's cache apart.
+@pytest.mark.parametrize("num_rows", [2, 1])  # XLA lowers a one-row scatter apart.
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_decode_matches_full_forward_at_every_position(family, num_rows):
     config = FAMILIES[family]
