@@ -4,6 +4,7 @@ Exit codes: 0 done, 1 user error (message, no traceback), 42 preempted (checkpoi
 Never 255: gcloud re-runs a command whose ssh exits 255.
 """
 
+import re
 import sys
 import traceback
 
@@ -19,6 +20,20 @@ GIN_BINDINGS = flags.DEFINE_multi_string(
     "gin_bindings", [], "Gin binding such as 'train.num_steps=200'; repeatable."
 )
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics.")
+
+
+def parse_mesh_shape(text: str, flag: str = "--mesh_shape") -> tuple[int, int, int]:
+    """'1,-1,1' or '(1, -1, 1)' -> (1, -1, 1): sizes over (data, fsdp, tensor), -1 = the rest."""
+    try:
+        shape = tuple(int(p) for p in re.split(r"[\s,()\[\]]+", text) if p)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise UserError(
+            f"{flag}={text!r} must be three comma-separated sizes over (data, fsdp, tensor), "
+            "at most one of them -1 (the rest), e.g. 1,-1,1 or 1,1,2."
+        )
+    return shape
 
 
 def guarded(main):

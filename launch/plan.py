@@ -17,7 +17,6 @@ shapes the slice cannot fill are errors (exit 1).
 
 import dataclasses
 import json
-import re
 import sys
 
 from absl import app, flags
@@ -53,17 +52,6 @@ def _define_flags():
         compile=f.DEFINE_bool("compile", False, "Also compile the train step: XLA's memory."),
         json=f.DEFINE_bool("json", False, "Print the plan as JSON."),
     )
-
-
-def parse_mesh_shape(text: str) -> tuple[int, ...]:
-    """'1,-1,1' or '(1, -1, 1)' -> (1, -1, 1)."""
-    parts = [p for p in re.split(r"[\s,()\[\]]+", text) if p]
-    try:
-        return tuple(int(p) for p in parts)
-    except ValueError:
-        raise UserError(
-            f"--mesh_shape={text!r} must be three integers (data, fsdp, tensor), e.g. '1,-1,1'."
-        ) from None
 
 
 def compile_devices(chips: int):
@@ -175,7 +163,7 @@ def main(argv):
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
     model_config = gin_config.build(ModelConfig)
     train_config = gin_config.build(TrainConfig)
-    mesh_shape = parse_mesh_shape(v["mesh_shape"]) if v["mesh_shape"] else None
+    mesh_shape = cli.parse_mesh_shape(v["mesh_shape"]) if v["mesh_shape"] else None
     plan = plan_lib.make_plan(
         model_config,
         train_config,

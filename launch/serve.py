@@ -154,16 +154,7 @@ def _mesh(value: str | None):
     """The serving mesh: the first data x fsdp x tensor devices (-1 = the rest of them)."""
     if not value:
         return None
-    try:
-        shape = tuple(int(part) for part in value.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise UserError(
-            f"--mesh_shape={value!r} must be three comma-separated sizes over (data, fsdp, "
-            "tensor), at most one of them -1 (the rest), e.g. 1,1,2 for two-way tensor "
-            "parallelism."
-        )
+    shape = cli.parse_mesh_shape(value)
     import math
 
     import jax

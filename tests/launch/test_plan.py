@@ -9,6 +9,7 @@ import sys
 import jax
 import pytest
 
+from launch import cli
 from launch import config as gin_config
 from launch import plan as plan_cli
 from launch.config import ROOT
@@ -219,3 +220,16 @@ def test_cli_table_warns_and_errors():
     mismatch = _plan_cli(*TINY_FLAGS, "--tpu=v5p-8", "--mesh_shape=8,1,1")
     assert mismatch.returncode == 1
     assert "--tpu=v5p-8 has 4 devices" in mismatch.stderr
+
+
+@pytest.mark.parametrize(
+    "text, shape", [("1,-1,1", (1, -1, 1)), ("(2, 1, 4)", (2, 1, 4)), ("[1 1 2]", (1, 1, 2))]
+)
+def test_mesh_shape_flag_parses(text, shape):
+    assert cli.parse_mesh_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["1,1", "1,1,1,1", "a,b,c", "-1,-1,1", "0,1,1", "1,-2,1", ""])
+def test_a_bad_mesh_shape_flag_names_the_flag_and_the_form(text):
+    with pytest.raises(UserError, match=r"--mesh_shape=.*three comma-separated sizes"):
+        cli.parse_mesh_shape(text)

@@ -1,9 +1,40 @@
-"""Shared test helpers: random parameters and float64 copies of a module's parameters."""
+"""Shared test helpers: tiny model configs, random parameters, float64 parameter copies."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from research.model import ModelConfig
+
+# Tiny models with distinct dims (D=12, F=20, N=4, K=2, H=6, V=37), so that a swapped axis
+# fails: a Llama-style one (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head) and
+# a GPT-2-style one (learned positions, LayerNorm, GELU, biases, K = N, tied head).
+LLAMA = ModelConfig(
+    vocab_size=37,
+    d_model=12,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=6,
+    mlp_dim=20,
+    max_seq_len=32,
+    positions="rope",
+    rope_theta=100.0,
+    norm="rmsnorm",
+    mlp_activation="swiglu",
+    tie_embeddings=False,
+)
+GPT2 = LLAMA.replace(
+    num_kv_heads=4,
+    head_dim=3,
+    positions="learned",
+    norm="layernorm",
+    mlp_activation="gelu",
+    use_bias=True,
+    tie_embeddings=True,
+)
+FAMILIES = {"llama": LLAMA, "gpt2": GPT2}
 
 
 def randomize(module, seed: int = 0, scale: float = 0.5):

@@ -6,36 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research.model import Decoder, ModelConfig, count_params
+from research.model import Decoder, count_params
 from tests.model import numpy_reference as ref
-from tests.model.helpers import jitted, numpy_params, random_model
-
-# Distinct dims (D=12, F=20, N=4, K=2, H=6, V=37) so that a swapped axis fails.
-LLAMA = ModelConfig(
-    vocab_size=37,
-    d_model=12,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=6,
-    mlp_dim=20,
-    max_seq_len=16,
-    positions="rope",
-    rope_theta=100.0,
-    norm="rmsnorm",
-    mlp_activation="swiglu",
-    tie_embeddings=False,
-)
-GPT2 = LLAMA.replace(
-    num_kv_heads=4,
-    head_dim=3,
-    positions="learned",
-    norm="layernorm",
-    mlp_activation="gelu",
-    use_bias=True,
-    tie_embeddings=True,
-)
-FAMILIES = {"llama": LLAMA, "gpt2": GPT2}
+from tests.model.helpers import FAMILIES, GPT2, LLAMA, jitted, numpy_params, random_model
 
 
 def _model(config, seed=0):

@@ -1,4 +1,4 @@
-"""Tiny models with distinct dims (D=12, F=20, N=4, K=2, H=6, V=37) and random weights."""
+"""The tiny models of tests/model/helpers.py with random weights, and their full forward."""
 
 import functools
 
@@ -7,32 +7,7 @@ import numpy as np
 from flax import nnx
 
 from research.model import Decoder, ModelConfig
-
-LLAMA = ModelConfig(
-    vocab_size=37,
-    d_model=12,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=6,
-    mlp_dim=20,
-    max_seq_len=32,
-    positions="rope",
-    rope_theta=100.0,
-    norm="rmsnorm",
-    mlp_activation="swiglu",
-    tie_embeddings=False,
-)
-GPT2 = LLAMA.replace(
-    num_kv_heads=4,
-    head_dim=3,
-    positions="learned",
-    norm="layernorm",
-    mlp_activation="gelu",
-    use_bias=True,
-    tie_embeddings=True,
-)
-FAMILIES = {"llama": LLAMA, "gpt2": GPT2}
+from tests.model.helpers import FAMILIES, GPT2, LLAMA  # noqa: F401 - re-exported.
 
 
 def random_split(config: ModelConfig, seed: int = 0, scale: float = 0.5):
