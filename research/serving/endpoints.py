@@ -196,6 +196,40 @@ class Endpoints:
             **extra,
         }
 
+    def _stream(self, job: Job, body, kind: str, response_id: str, created: int, entry, on_end):
+        """The SSE response: `entry(choice, output)` -> one chunk's choice (None: skip it),
+        then `on_end()`, the usage chunk when asked, and [DONE]."""
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(entries) -> str:
+            return sse(self._envelope(kind, response_id, created, entries, **extra))
+
+        async def events():
+            if kind == "chat.completion.chunk":  # The role comes first, in its own chunk.
+                for choice in job.choices:
+                    delta = {"role": "assistant", "content": ""}
+                    yield chunk([{"index": choice.index, "delta": delta, "finish_reason": None}])
+            while job.remaining:
+                choice, output = await job.next()
+                item = entry(choice, output)
+                if item is not None:
+                    yield chunk([item])
+            on_end()
+            if include_usage:
+                yield sse(self._envelope(kind, response_id, created, [], usage=job.usage()))
+            yield DONE
+
+        return EventStream(events(), job)
+
+    @staticmethod
+    async def _wait(job: Job, request: Request) -> bool:
+        """Waits for every choice; False if the client went away first (the job is closed)."""
+        try:
+            return await job.wait_all(request.receive)
+        finally:
+            job.close()
+
     # ---- /v1/completions ------------------------------------------------------------------
 
     def _completion_prompts(self, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -275,53 +309,44 @@ class Endpoints:
             return lead + text, logprobs
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            extra = {"usage": None} if include_usage else {}
+            offsets = [0] * len(job.choices)
 
-            async def events():
-                offsets = [0] * len(job.choices)
-                while job.remaining:
-                    choice, output = await job.next()
-                    text, logprobs = piece(
-                        choice,
-                        output.text,
-                        output.token_ids,
-                        output.logprobs,
-                        output.top_logprobs,
-                        not choice.started,
-                        offsets[choice.index],
-                    )
-                    choice.started = True
-                    offsets[choice.index] += len(text)
-                    reason = output.finish_reason
-                    if not text and reason is None and not (logprobs and logprobs["tokens"]):
-                        continue
-                    if score_only and reason is not None:
-                        reason = "length"
-                    entry = {
-                        "index": choice.index,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": reason,
-                    }
-                    yield sse(
-                        self._envelope("text_completion", response_id, created, [entry], **extra)
-                    )
-                self._log(job, "completion", texts)
-                if include_usage:
-                    usage = self._envelope(
-                        "text_completion", response_id, created, [], usage=job.usage()
-                    )
-                    yield sse(usage)
-                yield DONE
+            def entry(choice: Choice, output):
+                text, logprobs = piece(
+                    choice,
+                    output.text,
+                    output.token_ids,
+                    output.logprobs,
+                    output.top_logprobs,
+                    not choice.started,
+                    offsets[choice.index],
+                )
+                choice.started = True
+                offsets[choice.index] += len(text)
+                reason = output.finish_reason
+                if not text and reason is None and not (logprobs and logprobs["tokens"]):
+                    return None
+                if score_only and reason is not None:
+                    reason = "length"
+                return {
+                    "index": choice.index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": reason,
+                }
 
-            return EventStream(events(), job)
+            return self._stream(
+                job,
+                body,
+                "text_completion",
+                response_id,
+                created,
+                entry,
+                lambda: self._log(job, "completion", texts),
+            )
 
-        try:
-            if not await job.wait_all(request.receive):
-                return Response(status_code=499)  # Nobody reads it: the client is gone.
-        finally:
-            job.close()
+        if not await self._wait(job, request):
+            return Response(status_code=499)  # Nobody reads it: the client is gone.
         choices = []
         for choice in job.choices:
             text, logprobs = piece(
@@ -412,53 +437,30 @@ class Endpoints:
             return {"content": protocol.chat_logprobs(token_text, token_ids, values, tops)}
 
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            extra = {"usage": None} if include_usage else {}
 
-            def chunk(entries):
-                envelope = self._envelope(
-                    "chat.completion.chunk", response_id, created, entries, **extra
-                )
-                return sse(envelope)
+            def entry(choice: Choice, output):
+                reason = output.finish_reason
+                if not output.text and reason is None and not (body.logprobs and output.token_ids):
+                    return None
+                return {
+                    "index": choice.index,
+                    "delta": {"content": output.text} if output.text else {},
+                    "logprobs": logprobs(output.token_ids, output.logprobs, output.top_logprobs),
+                    "finish_reason": reason,
+                }
 
-            async def events():
-                for choice in job.choices:
-                    delta = {"role": "assistant", "content": ""}
-                    yield chunk([{"index": choice.index, "delta": delta, "finish_reason": None}])
-                while job.remaining:
-                    choice, output = await job.next()
-                    reason = output.finish_reason
-                    if (
-                        not output.text
-                        and reason is None
-                        and not (body.logprobs and output.token_ids)
-                    ):
-                        continue
-                    entry = {
-                        "index": choice.index,
-                        "delta": {"content": output.text} if output.text else {},
-                        "logprobs": logprobs(
-                            output.token_ids, output.logprobs, output.top_logprobs
-                        ),
-                        "finish_reason": reason,
-                    }
-                    yield chunk([entry])
-                self._log(job, "chat", messages)
-                if include_usage:
-                    yield sse(
-                        self._envelope(
-                            "chat.completion.chunk", response_id, created, [], usage=job.usage()
-                        )
-                    )
-                yield DONE
+            return self._stream(
+                job,
+                body,
+                "chat.completion.chunk",
+                response_id,
+                created,
+                entry,
+                lambda: self._log(job, "chat", messages),
+            )
 
-            return EventStream(events(), job)
-
-        try:
-            if not await job.wait_all(request.receive):
-                return Response(status_code=499)  # Nobody reads it: the client is gone.
-        finally:
-            job.close()
+        if not await self._wait(job, request):
+            return Response(status_code=499)  # Nobody reads it: the client is gone.
         self._log(job, "chat", messages)
         choices = [
             {
