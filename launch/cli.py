@@ -4,6 +4,7 @@ Exit codes: 0 done, 1 user error (message, no traceback), 42 preempted (checkpoi
 Never 255: gcloud re-runs a command whose ssh exits 255.
 """
 
+import math
 import re
 import sys
 import traceback
@@ -34,6 +35,30 @@ def parse_mesh_shape(text: str, flag: str = "--mesh_shape") -> tuple[int, int, i
             "at most one of them -1 (the rest), e.g. 1,-1,1 or 1,1,2."
         )
     return shape
+
+
+def device_mesh(value: str | None, flag: str = "--mesh_shape"):
+    """A (data, fsdp, tensor) mesh over the first devices the flag's sizes need (-1 = the
+    rest of them); None for an empty flag (one device, no mesh)."""
+    if not value:
+        return None
+    shape = parse_mesh_shape(value, flag)
+    import jax
+
+    from research import sharding
+
+    devices = jax.devices()
+    if -1 not in shape:
+        if math.prod(shape) > len(devices):
+            raise UserError(
+                f"{flag}={value!r} needs {math.prod(shape)} devices but {len(devices)} are "
+                "available."
+            )
+        devices = devices[: math.prod(shape)]
+    try:
+        return sharding.make_mesh(shape, devices=devices)
+    except UserError as error:
+        raise UserError(f"{flag}={value!r}: {error}") from None
 
 
 def guarded(main):

@@ -24,6 +24,12 @@ TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens 
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass in (0, 1] (1 = off).")
 SEED = flags.DEFINE_integer("seed", 0, "Random seed of the first sample.")
 NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples of the prompt.")
+MESH_SHAPE = flags.DEFINE_string(
+    "mesh_shape",
+    None,
+    "Sample on a (data, fsdp, tensor) device mesh, e.g. 1,1,2 for two-way tensor "
+    "parallelism over the first two devices; empty = one device.",
+)
 _MAX_SAMPLES = 64
 
 
@@ -97,9 +103,10 @@ def main(argv):
     except UserError as error:
         raise UserError(str(error).replace("sampling.", "--")) from None
 
+    mesh = cli.device_mesh(MESH_SHAPE.value)
     from research.checkpoint import load_model
 
-    loaded = load_model(workdir, log=lambda line: print(line, file=sys.stderr))
+    loaded = load_model(workdir, mesh=mesh, log=lambda line: print(line, file=sys.stderr))
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise UserError(f"{workdir} has no tokenizer/ directory; sampling needs the tokenizer.")
@@ -113,6 +120,7 @@ def main(argv):
         loaded.params,
         num_slots=len(seeds),
         steps_per_call=8,
+        mesh=mesh,
     )
     sampler.check_prompt(prompt_ids)
     print(

@@ -70,7 +70,7 @@ def main(argv):
     engine_config = gin_config.build(EngineConfig)
     engine_config.check()
     api_keys = read_api_keys(API_KEYS_FILE.value, os.environ.get(KEYS_ENV, ""))
-    mesh = _mesh(MESH_SHAPE.value)
+    mesh = cli.device_mesh(MESH_SHAPE.value)
     model_name = MODEL_NAME.value or default_model_name(source)
 
     import uvicorn
@@ -148,31 +148,6 @@ def read_api_keys(path: str | None, env_value: str) -> tuple[str, ...]:
 def default_model_name(source: str) -> str:
     name = os.path.basename(os.path.normpath(source.rstrip("/")))
     return name[: -len(".gguf")] if name.endswith(".gguf") else name
-
-
-def _mesh(value: str | None):
-    """The serving mesh: the first data x fsdp x tensor devices (-1 = the rest of them)."""
-    if not value:
-        return None
-    shape = cli.parse_mesh_shape(value)
-    import math
-
-    import jax
-
-    from research import sharding
-
-    devices = jax.devices()
-    if -1 not in shape:
-        if math.prod(shape) > len(devices):
-            raise UserError(
-                f"--mesh_shape={value!r} needs {math.prod(shape)} devices but "
-                f"{len(devices)} are available."
-            )
-        devices = devices[: math.prod(shape)]
-    try:
-        return sharding.make_mesh(shape, devices=devices)
-    except UserError as error:
-        raise UserError(f"--mesh_shape={value!r}: {error}") from None
 
 
 def load(kind: str, source: str, mesh):

@@ -58,6 +58,21 @@ def test_sample_streams_every_sample(trained):
 
 
 @pytest.mark.slow
+def test_sample_on_a_tensor_parallel_mesh_equals_one_device(trained):
+    greedy = [
+        f"--workdir={trained}",
+        "--prompt=Once more",
+        "--max_new_tokens=12",
+        "--temperature=0",
+    ]
+    one = run_module("launch.sample", greedy)
+    mesh = run_module("launch.sample", [*greedy, "--mesh_shape=1,1,2"])
+    assert one.returncode == 0 and mesh.returncode == 0, (one.stderr + mesh.stderr)[-3000:]
+    assert "--- sample 1/1 (seed 0) ---\nOnce more" in one.stdout
+    assert mesh.stdout == one.stdout
+
+
+@pytest.mark.slow
 def test_eval_writes_json_and_markdown_reports(trained, tmp_path):
     task = tmp_path / "task.jsonl"
     task.write_text(
@@ -84,6 +99,8 @@ def test_eval_writes_json_and_markdown_reports(trained, tmp_path):
         ("launch.sample", ["--prompt=x", "--temperature=-1"], "temperature"),
         ("launch.sample", ["--prompt=x", "--max_new_tokens=0"], "max_new_tokens"),
         ("launch.sample", ["--prompt="], "--prompt is empty"),
+        ("launch.sample", ["--prompt=x", "--mesh_shape=1,2"], "--mesh_shape='1,2' must be"),
+        ("launch.sample", ["--prompt=x", "--mesh_shape=1,1,4"], "needs 4 devices but 2"),
         ("launch.eval", ["--gin_bindings=eval.strid = 3"], "strid"),
         ("launch.eval", ["--gin_bindings=eval.batch_size = 0"], "eval.batch_size"),
     ],
