@@ -51,7 +51,10 @@ class EngineConfig:
     num_slots: requests decoded together (the batch).
     max_len: tokens per slot, prompt + output; 0 = the model's max_seq_len.
     steps_per_call: decode steps per jitted call (more = less overhead, coarser streaming).
-    prefill_chunk: prompt tokens prefilled per engine loop (chunked prefill).
+    prefill_chunk: prompt tokens prefilled per engine loop (chunked prefill), in calls of at
+      most min(prefill_chunk, max_len) tokens; larger fills a burst of new requests in fewer
+      loops (more throughput), smaller stalls running streams less (lower inter-token
+      latency).
     max_waiting: requests queued beyond the running ones; past it, submit raises QueueFull.
     prefix_cache_mb: device memory for cached prompt-prefix blocks; 0 turns the cache off.
     prefix_block: tokens per prefix-cache block.
@@ -177,7 +180,7 @@ class Engine:
             config.prefix_block,
             mesh=mesh,
         )
-        self._chunk = min(config.prefill_chunk, self.max_len)
+        self._chunk = min(config.prefill_chunk, self.max_len)  # Tokens per extend call.
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cancelled: set[str] = set()
@@ -375,13 +378,13 @@ class Engine:
 
     def _prefill(self) -> None:
         """Up to `prefill_chunk` prompt tokens, oldest request first."""
-        budget = self._chunk
+        budget = self.config.prefill_chunk
         pending = [r for r in self._slots if r is not None and not r.live]
         for request in sorted(pending, key=lambda r: r.arrival):
             prompt = request.prompt_ids
             while budget > 0 and request.prefilled < len(prompt):
                 start = request.prefilled
-                count = min(budget, len(prompt) - start)
+                count = min(budget, len(prompt) - start, self._chunk)
                 budget -= count
                 tokens = prompt[start : start + count]
                 if request.prompt_logprobs is None:

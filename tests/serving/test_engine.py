@@ -233,3 +233,17 @@ def test_a_one_token_request_ends_at_its_first_token(engine, model):
     assert tokens_of(outputs) == expected
     assert outputs[-1].finish_reason == "length" and outputs[-1].completion_tokens == 1
     assert engine.stats()["running"] == 0
+
+
+@pytest.mark.parametrize("budget, live_after_one_loop", [(160, 3), (64, 1)])
+def test_prefill_budget_per_loop_may_exceed_the_context(model, budget, live_after_one_loop):
+    """serve.prefill_chunk is a per-loop budget: 3 prompts of 40 tokens (each call at most
+    max_len = 64 tokens) all prefill in one loop under a budget of 160, one under 64."""
+    config = EngineConfig(num_slots=3, steps_per_call=1, prefill_chunk=budget)
+    engine = Engine(CONFIG, *model, CharTokenizer(), config)
+    engine._warm_up()  # The engine thread's work, run here one loop at a time.
+    for i in range(3):
+        prompt = [1, *(3 + (i + t) % 30 for t in range(39))]
+        engine.submit(prompt, SamplingParams(max_new_tokens=4), lambda output: None)
+    engine._step()
+    assert sum(r is not None and r.live for r in engine._slots) == live_after_one_loop
