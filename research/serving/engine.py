@@ -10,9 +10,11 @@ One engine thread owns the device state and loops:
      chunk; a finished prompt makes its slot live (`Sampler.activate`, which also chooses
      its first token: streamed at once, so time to first token is the prefill alone) and
      gives its full blocks to the prefix cache;
-  4. decode: one `Sampler.generate` call advances every live slot `steps_per_call` tokens;
-     new tokens are detokenized per request (stop strings cut exactly) and handed to the
-     request's callback, a slot that finished is free for the next loop.
+  4. decode: one `Sampler.generate` call advances every live slot `steps_per_call` tokens.
+     It is dispatched before the previous call's tokens are read: while the device computes,
+     the host detokenizes those (stop strings cut exactly), hands them to each request's
+     callback and frees the slots that finished (a request stopped by a stop string, or
+     cancelled, costs at most one more call on the device, whose tokens are dropped).
 
 Requests arrive from any thread through `submit`, which validates them at once (UserError
 naming the field, QueueFull past `max_waiting`) and returns the request id; every request
@@ -192,6 +194,7 @@ class Engine:
         self._error: str | None = None
         self._thread: threading.Thread | None = None
         self._state = None
+        self._inflight = None  # (Tokens on device, live request per slot) of the last call.
 
     # ---- public, any thread ---------------------------------------------------------------
 
@@ -349,6 +352,9 @@ class Engine:
         self._prefill()
         if any(r is not None and r.live for r in self._slots):
             self._decode()
+        elif self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            self._collect(inflight)
         self._record_occupancy()
         with self._lock:
             return not (self._closing and not self._waiting and not any(self._slots))
@@ -420,10 +426,21 @@ class Engine:
             request.prompt_top.append(_pairs(top_ids_tn[t, :n], top_logprobs_tn[t, :n]))
 
     def _decode(self) -> None:
+        """Dispatches the next decode call, then hands out the previous call's tokens while
+        the device computes (one call in flight: host work hides behind device work)."""
         self._state, steps = self.sampler.generate(self._state)
+        live = [r if r is not None and r.live else None for r in self._slots]
+        previous, self._inflight = self._inflight, (steps, live)
+        if previous is not None:
+            self._collect(previous)
+
+    def _collect(self, inflight) -> None:
+        """Delivers a decode call's tokens to the requests that were live when it was
+        dispatched and still hold their slot (not finished, cancelled or replaced since)."""
+        steps, requests = inflight
         steps = jax.device_get(steps)
-        for slot, request in enumerate(self._slots):
-            if request is not None and request.live:
+        for slot, request in enumerate(requests):
+            if request is not None and self._slots[slot] is request:
                 self._deliver(slot, request, steps, slot)
 
     def _deliver(self, slot: int, request: _Request, steps, row: int) -> None:

@@ -247,3 +247,25 @@ def test_prefill_budget_per_loop_may_exceed_the_context(model, budget, live_afte
         engine.submit(prompt, SamplingParams(max_new_tokens=4), lambda output: None)
     engine._step()
     assert sum(r is not None and r.live for r in engine._slots) == live_after_one_loop
+
+
+def test_a_slot_freed_by_a_stop_string_serves_the_next_request_exactly(model):
+    """One slot, decode calls pipelined: the stopped request's extra in-flight tokens are
+    dropped, and the request queued behind it gets its run-alone tokens."""
+    config = EngineConfig(num_slots=1, steps_per_call=2, prefill_chunk=16)
+    engine = Engine(CONFIG, *model, CharTokenizer(), config)
+    engine.start()
+    assert engine.wait_ready(120)
+    try:
+        greedy = SamplingParams(max_new_tokens=16, temperature=0.0)
+        (plain,) = run(engine, [LONG], [greedy])
+        text = "".join(o.text for o in plain)
+        stop = SamplingParams(max_new_tokens=16, temperature=0.0, stop_strings=(text[3:5],))
+        follow = SamplingParams(max_new_tokens=9, temperature=1.0, seed=11)
+        cut, after = run(engine, [LONG, [1, 7, 9]], [stop, follow])
+    finally:
+        engine.shutdown()
+    assert "".join(o.text for o in cut) == text[: text.index(text[3:5])]
+    assert cut[-1].finish_reason == "stop"
+    (alone,) = Sampler(CONFIG, *model, num_slots=1).complete([[1, 7, 9]], [follow])
+    assert tokens_of(after) == alone.token_ids
