@@ -57,6 +57,8 @@ class EngineConfig:
       most min(prefill_chunk, max_len) tokens; larger fills a burst of new requests in fewer
       loops (more throughput), smaller stalls running streams less (lower inter-token
       latency).
+    prefill_rows: whole prompts prefilled together in one call when that many wait within
+      the loop's budget (weights read once for all; 0 or 1: one call each).
     max_waiting: requests queued beyond the running ones; past it, submit raises QueueFull.
     prefix_cache_mb: device memory for cached prompt-prefix blocks; 0 turns the cache off.
     prefix_block: tokens per prefix-cache block.
@@ -68,6 +70,7 @@ class EngineConfig:
     max_len: int = 0
     steps_per_call: int = 4
     prefill_chunk: int = 128
+    prefill_rows: int = 4
     max_waiting: int = 64
     prefix_cache_mb: float = 64.0
     prefix_block: int = 16
@@ -78,7 +81,8 @@ class EngineConfig:
         for name in ("num_slots", "steps_per_call", "prefill_chunk", "prefix_block"):
             if getattr(self, name) < 1:
                 raise UserError(f"serve.{name}={getattr(self, name)} must be >= 1.")
-        for name in ("max_len", "max_waiting", "prefix_cache_mb", "num_top_logprobs"):
+        for name in ("max_len", "prefill_rows", "max_waiting", "prefix_cache_mb",
+                     "num_top_logprobs"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise UserError(f"serve.{name}={getattr(self, name)} must be >= 0.")
 
@@ -320,8 +324,11 @@ class Engine:
         """Compiles every jitted call the loop can make, on slot 0, then clears the state."""
         sampler = self.sampler
         state = sampler.init_state()
+        rows = self.config.prefill_rows
         for bucket in length_buckets(self._chunk):
             state, _ = sampler.extend(state, 0, [0], 0, bucket=bucket)
+            if 1 < rows <= self.config.num_slots:
+                state = sampler.extend_rows(state, [(0, [0], 0)], num_rows=rows, bucket=bucket)
         state, _ = sampler.activate(state, 0, [0], SamplingParams(max_new_tokens=3, temperature=0))
         state, _ = sampler.generate(state, 1)
         state = sampler.release(state, 0)
@@ -383,39 +390,68 @@ class Engine:
         self.metrics.prompt(len(request.prompt_ids), request.cached)
 
     def _prefill(self) -> None:
-        """Up to `prefill_chunk` prompt tokens, oldest request first."""
+        """Up to `prefill_chunk` prompt tokens, oldest request first. Whole prompts that fit
+        one call go `prefill_rows` at a time through `Sampler.extend_rows`."""
         budget = self.config.prefill_chunk
+        rows = self.config.prefill_rows
         pending = [r for r in self._slots if r is not None and not r.live]
+        together = []
         for request in sorted(pending, key=lambda r: r.arrival):
-            prompt = request.prompt_ids
-            while budget > 0 and request.prefilled < len(prompt):
-                start = request.prefilled
-                count = min(budget, len(prompt) - start, self._chunk)
-                budget -= count
-                tokens = prompt[start : start + count]
-                if request.prompt_logprobs is None:
-                    self._state, _ = self.sampler.extend(self._state, request.slot, tokens, start)
-                else:
-                    self._state, scores = self.sampler.extend(
-                        self._state,
-                        request.slot,
-                        tokens,
-                        start,
-                        next_tokens=prompt[start + 1 : start + count + 1],
-                        num_prompt_top=self.config.num_top_logprobs,
-                    )
-                    self._keep_prompt_logprobs(request, scores, count, start)
-                request.prefilled += count
-            if request.prefilled == len(prompt):
-                self._state, first = self.sampler.activate(
-                    self._state, request.slot, prompt, request.params
+            if budget <= 0:
+                break
+            rest = len(request.prompt_ids) - request.prefilled
+            if rows > 1 and request.prompt_logprobs is None and rest <= min(budget, self._chunk):
+                together.append(request)
+                budget -= rest
+            else:
+                budget = self._prefill_one(request, budget)
+        groups = [together[i : i + rows] for i in range(0, len(together), max(rows, 1))]
+        for group in groups:
+            if len(group) < rows:  # Padding rows cost as much as real ones: one call each.
+                for request in group:
+                    self._prefill_one(request, len(request.prompt_ids))
+                continue
+            prefix = [(r.slot, r.prompt_ids[r.prefilled :], r.prefilled) for r in group]
+            self._state = self.sampler.extend_rows(self._state, prefix, num_rows=rows)
+            for request in group:
+                request.prefilled = len(request.prompt_ids)
+                self._activate(request)
+
+    def _prefill_one(self, request: _Request, budget: int) -> int:
+        """Chunks of one request's prompt within `budget` tokens; returns what is left."""
+        prompt = request.prompt_ids
+        while budget > 0 and request.prefilled < len(prompt):
+            start = request.prefilled
+            count = min(budget, len(prompt) - start, self._chunk)
+            budget -= count
+            tokens = prompt[start : start + count]
+            if request.prompt_logprobs is None:
+                self._state, _ = self.sampler.extend(self._state, request.slot, tokens, start)
+            else:
+                self._state, scores = self.sampler.extend(
+                    self._state,
+                    request.slot,
+                    tokens,
+                    start,
+                    next_tokens=prompt[start + 1 : start + count + 1],
+                    num_prompt_top=self.config.num_top_logprobs,
                 )
-                request.live = True
-                copies = self.prefix_cache.plan_store(prompt)
-                self.prefix_cache.store(self._state.cache, request.slot, copies)
-                self._deliver(request.slot, request, jax.device_get(first), 0)
-            if budget == 0:
-                return
+                self._keep_prompt_logprobs(request, scores, count, start)
+            request.prefilled += count
+        if request.prefilled == len(prompt):
+            self._activate(request)
+        return budget
+
+    def _activate(self, request: _Request) -> None:
+        """A fully prefilled prompt: its slot goes live, its first token out at once."""
+        prompt = request.prompt_ids
+        self._state, first = self.sampler.activate(
+            self._state, request.slot, prompt, request.params
+        )
+        request.live = True
+        copies = self.prefix_cache.plan_store(prompt)
+        self.prefix_cache.store(self._state.cache, request.slot, copies)
+        self._deliver(request.slot, request, jax.device_get(first), 0)
 
     def _keep_prompt_logprobs(self, request: _Request, scores, count: int, start: int) -> None:
         chosen_t, top_ids_tn, top_logprobs_tn = jax.device_get(scores)

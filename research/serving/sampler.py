@@ -171,6 +171,11 @@ class Sampler:
             static_argnames="num_prompt_top",
             out_shardings=None if mesh is None else (shardings, None),
         )
+        self._extend_rows = jax.jit(
+            self._extend_rows_fn,
+            donate_argnums=1,
+            out_shardings=None if mesh is None else shardings,
+        )
         self._activate = jax.jit(
             self._activate_fn,
             donate_argnums=0,
@@ -333,6 +338,25 @@ class Sampler:
         top_logprobs_tn, top_ids_tn = jax.lax.top_k(logprobs_tv, max(num_prompt_top, 1))
         return state, (chosen_t, top_ids_tn, top_logprobs_tn)
 
+    def _extend_rows_fn(self, params, state: DecodeState, tokens_rt, slots_r, starts_r, num_real_r):
+        """`_extend_fn` for R slots at once; rows with slot >= num_slots are padding."""
+        model = nnx.merge(self.graphdef, params)
+        valid_r = slots_r < self.num_slots
+        rows_r = jnp.where(valid_r, slots_r, 0)
+        cache_rows = jax.tree.map(lambda a: a[rows_r], state.cache)
+        starts_r = jnp.where(valid_r, starts_r, self.max_len)  # Padding writes nothing.
+        x_rtd, cache_rows = kv_cache.extend(model, tokens_rt, starts_r, cache_rows)
+        last_r11 = jnp.maximum(num_real_r - 1, 0)[:, None, None]
+        logits_rv = model.unembed(jnp.take_along_axis(x_rtd, last_r11, axis=1))[:, 0]
+
+        def put(array, rows):  # Padding rows (slot out of range) are dropped.
+            return array.at[slots_r].set(rows.astype(array.dtype), mode="drop")
+
+        return state.replace(
+            cache=jax.tree.map(put, state.cache, cache_rows),
+            logits=put(state.logits, logits_rv.astype(jnp.float32)),
+        )
+
     def _activate_fn(self, state: DecodeState, slot, prompt_s, length, request: SlotParams):
         """Makes `slot` live and chooses its first token from the prompt's last logits (what
         the first decode step would choose), so it can be streamed before any decode step."""
@@ -493,6 +517,43 @@ class Sampler:
                 next_t,
                 num_prompt_top=num_prompt_top,
             )
+
+    def extend_rows(
+        self,
+        state: DecodeState,
+        rows: Sequence[tuple[int, Sequence[int], int]],
+        *,
+        num_rows: int = 0,
+        bucket: int = 0,
+    ) -> DecodeState:
+        """`extend` of several slots in one call: rows of (slot, tokens, start), distinct slots.
+
+        One [R, T] forward reads the weights once for all rows, so prompts that wait together
+        prefill faster than one call each (ref_small, 4 prompts of 64 tokens: 11.9 ms a
+        prompt against 15.6). `num_rows` (default: len(rows)) pads R to a compiled size;
+        `bucket` pads T as in `extend`. The old state is donated.
+        """
+        num_rows = num_rows or len(rows)
+        slots = [slot for slot, _, _ in rows]
+        if not 1 <= len(rows) <= num_rows or len(set(slots)) != len(slots):
+            raise UserError(f"extend_rows: {len(rows)} rows for {num_rows}, slots {slots}.")
+        for slot, tokens, start in rows:
+            if not tokens or start + len(tokens) > self.max_len or not 0 <= slot < self.num_slots:
+                raise UserError(
+                    f"extend_rows: {len(tokens)} tokens at {start} of slot {slot} do not fit "
+                    f"{self.num_slots} slots of {self.max_len}."
+                )
+        longest = max(len(tokens) for _, tokens, _ in rows)
+        bucket = bucket or next(b for b in length_buckets(self.max_len) if b >= longest)
+        tokens_rt = np.zeros((num_rows, bucket), np.int32)
+        slots_r = np.full((num_rows,), self.num_slots, np.int32)  # Padding: out of range.
+        starts_r = np.zeros((num_rows,), np.int32)
+        num_real_r = np.ones((num_rows,), np.int32)
+        for r, (slot, tokens, start) in enumerate(rows):
+            tokens_rt[r, : len(tokens)] = tokens
+            slots_r[r], starts_r[r], num_real_r[r] = slot, start, len(tokens)
+        with self._context():
+            return self._extend_rows(self.params, state, tokens_rt, slots_r, starts_r, num_real_r)
 
     def activate(
         self, state: DecodeState, slot: int, prompt_ids: Sequence[int], request: SamplingParams

@@ -34,8 +34,9 @@ def engine(model):
     engine.shutdown()
 
 
-def run(engine, prompts, requests, **kwargs):
-    """Submits every request at once; returns per request (outputs, done event)."""
+def run(engine, prompts, requests, start=False, **kwargs):
+    """Submits every request at once (then starts the engine, if asked, so that they all
+    wait together); returns per request its outputs."""
     results = []
     for prompt, request in zip(prompts, requests, strict=True):
         outputs, done = [], threading.Event()
@@ -47,6 +48,8 @@ def run(engine, prompts, requests, **kwargs):
 
         engine.submit(prompt, request, on_output, **kwargs)
         results.append((outputs, done))
+    if start:
+        engine.start()
     for _, done in results:
         assert done.wait(60)
     return [outputs for outputs, _ in results]
@@ -76,6 +79,30 @@ def test_chunked_extend_equals_the_full_forward(model):
     assert int(steps.tokens[1, 0]) == -1  # The step that fed the pending token chose none.
     assert not bool(steps.live[1])  # max_new_tokens reached.
     assert not bool(steps.live[0])  # The other slot never started.
+
+
+def test_extend_rows_equals_one_extend_per_slot(model):
+    """Three prompts in one padded call (one after an earlier chunk of its own) leave every
+    slot's cache (up to its length) and logits as one extend each would; slot 4 untouched."""
+    graphdef, params = model
+    sampler = Sampler(CONFIG, graphdef, params, num_slots=5)
+    rows = [(3, LONG[:10], 0), (0, [1, 7, 9], 0), (2, LONG[10:30], 10)]
+    single = sampler.extend(sampler.init_state(), 2, LONG[:10], 0)[0]
+    batched = sampler.extend(sampler.init_state(), 2, LONG[:10], 0)[0]
+    for slot, tokens, start in rows:
+        single, _ = sampler.extend(single, slot, tokens, start)
+    batched = sampler.extend_rows(batched, rows, num_rows=4)
+    lengths = {0: 3, 2: 30, 3: 10}  # Past them: padding's keys, never attended to.
+    for a, b in zip(jax.tree.leaves(single.cache), jax.tree.leaves(batched.cache), strict=True):
+        for slot, length in lengths.items():
+            np.testing.assert_allclose(a[slot, :, :length], b[slot, :, :length], atol=1e-5)
+    np.testing.assert_allclose(single.logits, batched.logits, atol=1e-4)
+    np.testing.assert_allclose(
+        batched.logits[2], full_logits(graphdef, params, [LONG[:30]])[0, -1], atol=1e-4
+    )
+    assert not np.any(np.asarray(batched.cache.keys[0][4]))
+    with pytest.raises(UserError, match="extend_rows"):
+        sampler.extend_rows(batched, [(1, [5], 0), (1, [6], 0)])
 
 
 def test_batched_requests_equal_each_request_alone(engine, model):
@@ -269,3 +296,30 @@ def test_a_slot_freed_by_a_stop_string_serves_the_next_request_exactly(model):
     assert cut[-1].finish_reason == "stop"
     (alone,) = Sampler(CONFIG, *model, num_slots=1).complete([[1, 7, 9]], [follow])
     assert tokens_of(after) == alone.token_ids
+
+
+def test_prompts_waiting_together_prefill_in_one_call_and_equal_each_alone(model):
+    config = EngineConfig(num_slots=4, steps_per_call=2, prefill_chunk=64, prefill_rows=4)
+    engine = Engine(CONFIG, *model, CharTokenizer(), config)
+    calls, extend_rows = [], engine.sampler.extend_rows
+
+    def recorded(state, rows, **kwargs):  # The real call, its rows noted.
+        calls.append(rows)
+        return extend_rows(state, rows, **kwargs)
+
+    engine.sampler.extend_rows = recorded
+    prompts = [[1, 7, 9], LONG[:20], [1, 4], [1, 3, 3, 3, 3], [1, 8]]
+    requests = [
+        SamplingParams(max_new_tokens=6, temperature=0.0),
+        SamplingParams(max_new_tokens=8, temperature=1.2, top_p=0.9, seed=3),
+        SamplingParams(max_new_tokens=5, temperature=0.8, top_k=5, seed=4),
+        SamplingParams(max_new_tokens=7, temperature=1.0, frequency_penalty=0.5, seed=5),
+        SamplingParams(max_new_tokens=4, temperature=0.0),
+    ]
+    outputs = run(engine, prompts, requests, start=True)
+    engine.shutdown()
+    alone = Sampler(CONFIG, *model, num_slots=1).complete(prompts, requests)
+    for got, want in zip(outputs, alone, strict=True):
+        assert tokens_of(got) == want.token_ids
+    warm_up = len(calls) - 1  # Warm-up compiles extend_rows once per length bucket.
+    assert [slot for slot, _, _ in calls[-1]] == [0, 1, 2, 3] and warm_up >= 1
