@@ -202,15 +202,18 @@ def decode_step(
     return logits_bv, KVCache(keys=tuple(keys), values=tuple(values))
 
 
-def _after(y: jax.Array, arrays: tuple) -> tuple:
-    """`arrays`, unchanged in value but computed from `y`: XLA runs their users after y.
+def _after(y_bnh: jax.Array, arrays: tuple) -> tuple:
+    """[B, K, H] `arrays`, unchanged in value but computed from `y_bnh`: XLA runs their users
+    (the cache writes) after the attention that made y.
 
-    Adds an exact zero made from one element of y (finite or not). An optimization_barrier
-    did not order the cache writes here; this data dependency does.
+    Adds an exact zero made from one element of y per (row, kv head), finite or not: local
+    to every shard when heads are split over a mesh. An optimization_barrier did not order
+    the cache writes; this data dependency does.
     """
-    first = y.reshape(-1)[0]
-    zero = jnp.where(jnp.isfinite(first), first * 0, 0)
-    return tuple(a + zero.astype(a.dtype) for a in arrays)
+    b, k = arrays[0].shape[:2]
+    first_bk1 = y_bnh.reshape(b, k, -1)[:, :, :1]  # Query head n belongs to kv head n // G.
+    zero_bk1 = jnp.where(jnp.isfinite(first_bk1), first_bk1 * 0, 0)
+    return tuple(a + zero_bk1.astype(a.dtype) for a in arrays)
 
 
 _write_rows = jax.vmap(lambda row_ksh, new_kh, index: row_ksh.at[:, index].set(new_kh))
