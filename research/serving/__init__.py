@@ -1,22 +1,22 @@
 """Token generation: the jitted KV-cache sampler, its sampling settings and detokenization.
 
-sampler.py     Sampler (prefill -> insert -> generate over fixed slots), Completion
+sampler.py     Sampler (prefill -> insert -> generate over fixed slots; extend, activate)
+complete.py    complete(): many requests run to their end on a Sampler, Completion
 sampling.py    SamplingParams (one request), per-slot arrays, choose_tokens
 kv_cache.py    KVCache per layer and the Decoder's forward through it
 detokenize.py  incremental detokenization and stop strings
 reference.py   full-forward decoding, the oracle the sampler is tested against
 """
 
+from research.serving.complete import Completion, encode_prompt
 from research.serving.detokenize import IncrementalDetokenizer, StopStrings, TextStream
 from research.serving.kv_cache import KVCache
 from research.serving.reference import generate_reference
 from research.serving.sampler import (
-    Completion,
     DecodeState,
     Prefix,
     Sampler,
     Tokens,
-    encode_prompt,
     length_buckets,
     shard_params,
 )

@@ -20,10 +20,10 @@ from fastapi.responses import Response
 from research.errors import UserError
 from research.serving import protocol
 from research.serving.chat import ChatTemplate
+from research.serving.complete import encode_prompt
 from research.serving.engine import EngineClosed, QueueFull
 from research.serving.jobs import DONE, Choice, EventStream, Job, sse
 from research.serving.protocol import APIError, ChatRequest, CompletionRequest
-from research.serving.sampler import encode_prompt
 from research.serving.sampling import SamplingParams
 
 logger = logging.getLogger("cirrus.serve")

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings, strategies
 
 from research.checkpoint import load_model, save_hf
 from research.serving.chat import read_chat_template
+from research.serving.complete import encode_prompt
 from research.serving.engine import Engine, EngineConfig
-from research.serving.sampler import encode_prompt
 from research.serving.server import create_app
 from tests.serving import server_fixtures
 from tests.serving.helpers import full_logits
