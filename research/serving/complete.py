@@ -74,44 +74,20 @@ def complete(
         state, steps = sampler.generate(state)
         steps = jax.device_get(steps)
         for slot in list(active):
-            state = _consume(
-                sampler,
-                state,
-                active,
-                slot,
-                steps.tokens[slot],
-                steps.logprobs[slot],
-                steps.top_ids[slot],
-                steps.top_logprobs[slot],
-                bool(steps.live[slot]),
-                results,
-                on_text,
-                on_done,
-            )
+            state = _consume(sampler, state, active, slot, steps, results, on_text, on_done)
     return results
 
 
-def _consume(
-    sampler,
-    state,
-    active,
-    slot,
-    tokens,
-    logprobs,
-    top_ids,
-    top_logprobs,
-    live,
-    results,
-    on_text,
-    on_done,
-):
-    """Hands a slot's new tokens to its request; finishes it on a stop or end of slot."""
-    request = active[slot]
+def _consume(sampler, state, active, slot, steps, results, on_text, on_done):
+    """Hands a slot's new tokens (its row of `steps`, a host Tokens) to its request;
+    finishes it on a stop or end of slot."""
+    request, live = active[slot], bool(steps.live[slot])
     stopped = False
-    for j, token in enumerate(tokens):
+    for j, token in enumerate(steps.tokens[slot]):
         if token < 0:
             continue
-        if request.add(token, logprobs[j], top_ids[j], top_logprobs[j]):
+        tops = steps.top_ids[slot, j], steps.top_logprobs[slot, j]
+        if request.add(token, steps.logprobs[slot, j], *tops):
             stopped = True
             break
     finished = stopped or not live

@@ -160,11 +160,6 @@ class Sampler:
             static_argnames="num_prompt_top",
             out_shardings=None if mesh is None else (shardings, None),
         )
-        self._extend_rows = jax.jit(
-            self._extend_rows_fn,
-            donate_argnums=1,
-            out_shardings=None if mesh is None else shardings,
-        )
         self._activate = jax.jit(
             self._activate_fn,
             donate_argnums=0,
@@ -304,35 +299,18 @@ class Sampler:
             live=state.live.at[slot].set(False), pending=state.pending.at[slot].set(-1)
         )
 
-    def _extend_fn(self, params, state, tokens_t, slot, start, num_real, next_t, num_prompt_top):
-        model = nnx.merge(self.graphdef, params)
-
-        def row(array):
-            return jax.lax.dynamic_slice_in_dim(array, slot, 1)
-
-        def put(array, value):
-            return jax.lax.dynamic_update_slice_in_dim(array, value.astype(array.dtype), slot, 0)
-
-        cache_row = jax.tree.map(row, state.cache)
-        x_1td, cache_row = kv_cache.extend(model, tokens_t[None], start[None], cache_row)
-        x_11d = jax.lax.dynamic_slice_in_dim(x_1td, num_real - 1, 1, axis=1)
-        logits_1v = model.unembed(x_11d)[:, 0].astype(jnp.float32)
-        state = state.replace(
-            cache=jax.tree.map(put, state.cache, cache_row), logits=put(state.logits, logits_1v)
-        )
-        if num_prompt_top is None:
-            return state, None
-        logprobs_tv = jax.nn.log_softmax(model.unembed(x_1td)[0].astype(jnp.float32), axis=-1)
-        chosen_t = jnp.take_along_axis(logprobs_tv, next_t[:, None], axis=-1)[:, 0]
-        top_logprobs_tn, top_ids_tn = jax.lax.top_k(logprobs_tv, max(num_prompt_top, 1))
-        return state, (chosen_t, top_ids_tn, top_logprobs_tn)
-
-    def _extend_rows_fn(self, params, state: DecodeState, tokens_rt, slots_r, starts_r, num_real_r):
-        """`_extend_fn` for R slots at once; rows with slot >= num_slots are padding."""
+    def _extend_fn(self, params, state, tokens_rt, slots_r, starts_r, num_real_r, next_rt,
+                   num_prompt_top):  # fmt: skip
+        """R rows of prompt tokens into their slots (see `extend_rows`); rows with a slot
+        >= num_slots are padding. With num_prompt_top, also every position's scores."""
         model = nnx.merge(self.graphdef, params)
         valid_r = slots_r < self.num_slots
         rows_r = jnp.where(valid_r, slots_r, 0)
-        cache_rows = jax.tree.map(lambda a: a[rows_r], state.cache)
+
+        def take(array):  # rows_r is in range: no bounds checks, as fast as a dynamic slice.
+            return array.at[rows_r].get(mode="promise_in_bounds")
+
+        cache_rows = jax.tree.map(take, state.cache)
         starts_r = jnp.where(valid_r, starts_r, self.max_len)  # Padding writes nothing.
         x_rtd, cache_rows = kv_cache.extend(model, tokens_rt, starts_r, cache_rows)
         last_r11 = jnp.maximum(num_real_r - 1, 0)[:, None, None]
@@ -341,10 +319,16 @@ class Sampler:
         def put(array, rows):  # Padding rows (slot out of range) are dropped.
             return array.at[slots_r].set(rows.astype(array.dtype), mode="drop")
 
-        return state.replace(
+        state = state.replace(
             cache=jax.tree.map(put, state.cache, cache_rows),
             logits=put(state.logits, logits_rv.astype(jnp.float32)),
         )
+        if num_prompt_top is None:
+            return state, None
+        logprobs_rtv = jax.nn.log_softmax(model.unembed(x_rtd).astype(jnp.float32), axis=-1)
+        chosen_rt = jnp.take_along_axis(logprobs_rtv, next_rt[..., None], axis=-1)[..., 0]
+        top_logprobs_rtn, top_ids_rtn = jax.lax.top_k(logprobs_rtv, max(num_prompt_top, 1))
+        return state, (chosen_rt, top_ids_rtn, top_logprobs_rtn)
 
     def _activate_fn(self, state: DecodeState, slot, prompt_s, length, request: SlotParams):
         """Makes `slot` live and chooses its first token from the prompt's last logits (what
@@ -486,26 +470,10 @@ class Sampler:
             (logprob of each next token [T], top ids [T, N], top logprobs [T, N]) on device,
             padded to the bucket; otherwise None.
         """
-        n = len(tokens)
-        if n < 1 or start + n > self.max_len:
-            raise UserError(f"extend: {n} tokens at {start} do not fit a {self.max_len} slot.")
-        bucket = bucket or next(b for b in length_buckets(self.max_len) if b >= n)
-        tokens_t = np.zeros((bucket,), np.int32)
-        tokens_t[:n] = tokens
-        next_t = np.zeros((bucket,), np.int32)
-        if next_tokens is not None:
-            next_t[: len(next_tokens)] = next_tokens
-        with self._context():
-            return self._extend(
-                self.params,
-                state,
-                tokens_t,
-                np.int32(slot),
-                np.int32(start),
-                np.int32(n),
-                next_t,
-                num_prompt_top=num_prompt_top,
-            )
+        state, scores = self._extend_call(
+            "extend", state, [(slot, tokens, start)], 1, bucket, next_tokens, num_prompt_top
+        )
+        return state, None if scores is None else tuple(a[0] for a in scores)
 
     def extend_rows(
         self,
@@ -523,26 +491,42 @@ class Sampler:
         `bucket` pads T as in `extend`. The old state is donated.
         """
         num_rows = num_rows or len(rows)
+        return self._extend_call("extend_rows", state, rows, num_rows, bucket, None, None)[0]
+
+    def _extend_call(self, name, state, rows, num_rows, bucket, next_tokens, num_prompt_top):
+        """Pads rows of (slot, tokens, start) to [num_rows, bucket] arrays for `_extend_fn`."""
         slots = [slot for slot, _, _ in rows]
         if not 1 <= len(rows) <= num_rows or len(set(slots)) != len(slots):
-            raise UserError(f"extend_rows: {len(rows)} rows for {num_rows}, slots {slots}.")
+            raise UserError(f"{name}: {len(rows)} rows for {num_rows}, slots {slots}.")
         for slot, tokens, start in rows:
             if not tokens or start + len(tokens) > self.max_len or not 0 <= slot < self.num_slots:
                 raise UserError(
-                    f"extend_rows: {len(tokens)} tokens at {start} of slot {slot} do not fit "
+                    f"{name}: {len(tokens)} tokens at {start} of slot {slot} do not fit "
                     f"{self.num_slots} slots of {self.max_len}."
                 )
         longest = max(len(tokens) for _, tokens, _ in rows)
         bucket = bucket or next(b for b in length_buckets(self.max_len) if b >= longest)
         tokens_rt = np.zeros((num_rows, bucket), np.int32)
+        next_rt = np.zeros((num_rows, bucket), np.int32)
         slots_r = np.full((num_rows,), self.num_slots, np.int32)  # Padding: out of range.
         starts_r = np.zeros((num_rows,), np.int32)
         num_real_r = np.ones((num_rows,), np.int32)
         for r, (slot, tokens, start) in enumerate(rows):
             tokens_rt[r, : len(tokens)] = tokens
             slots_r[r], starts_r[r], num_real_r[r] = slot, start, len(tokens)
+        if next_tokens is not None:
+            next_rt[0, : len(next_tokens)] = next_tokens
         with self._context():
-            return self._extend_rows(self.params, state, tokens_rt, slots_r, starts_r, num_real_r)
+            return self._extend(
+                self.params,
+                state,
+                tokens_rt,
+                slots_r,
+                starts_r,
+                num_real_r,
+                next_rt,
+                num_prompt_top=num_prompt_top,
+            )
 
     def activate(
         self, state: DecodeState, slot: int, prompt_ids: Sequence[int], request: SamplingParams
