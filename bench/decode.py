@@ -4,7 +4,7 @@ the peers in the same run.
   .venv/bin/python bench/decode.py [--rounds 2] [--reps 3] [--no_peers]
 
 Prompt 64 tokens, 128 new tokens, greedy, at batch 1 and 8 (prompts differ per slot). As in
-the peers' decode scripts: t_first = prefill + insert + the first token (generate with
+the peers' decode scripts: t_first = prefill (extend) + activate + one decode step (generate with
 num_steps=1), t_full = the same with all 128 tokens; decode tokens/s = batch * 127 /
 (t_full - t_first); time to first token = t_first at batch 1. Each round runs Cirrus, then
 `../shared/peers/run.sh decode_hf.py` (HF transformers generate with a KV cache) and
@@ -73,10 +73,13 @@ class CirrusDecode:
         self.state = self.sampler.init_state()
 
     def run(self, num_steps: int):
-        prefix = self.sampler.prefill(self.prompts)
-        for slot in range(self.batch):
-            self.state = self.sampler.insert(self.state, prefix, slot, slot, self.request)
-        self.state, out = self.sampler.generate(self.state, num_steps)
+        rows = [(slot, prompt, 0) for slot, prompt in enumerate(self.prompts)]
+        self.state, _ = self.sampler.extend(self.state, rows)
+        for slot, prompt in enumerate(self.prompts):
+            self.state, _ = self.sampler.activate(self.state, slot, prompt, self.request)
+        self.state, out = self.sampler.generate(
+            self.state, num_rows=self.batch, num_keys=PROMPT + NEW, num_steps=num_steps
+        )
         return jax.block_until_ready(out)
 
     def measure(self, reps: int) -> dict:
@@ -86,7 +89,8 @@ class CirrusDecode:
             start = time.perf_counter()
             out = self.run(NEW)
             full.append(time.perf_counter() - start)
-            assert int((np.asarray(out.tokens) >= 0).sum()) == self.batch * NEW
+            # activate chose each slot's first token; the steps chose the other NEW - 1.
+            assert int((np.asarray(out.tokens) >= 0).sum()) == self.batch * (NEW - 1)
         t_first, t_full = statistics.median(first), statistics.median(full)
         return {
             "decode_tokens_per_s": self.batch * (NEW - 1) / max(t_full - t_first, 1e-9),
@@ -122,7 +126,7 @@ def main():
     )
     runs = {b: CirrusDecode(config, graphdef, params, b) for b in (1, 8)}
     compile_s = {}
-    for b, decode in runs.items():  # First calls: compile prefill, insert and generate.
+    for b, decode in runs.items():  # First calls: compile extend, activate and generate.
         compile_s[b] = _timed(lambda decode=decode: (decode.run(1), decode.run(NEW)))
 
     rounds = []

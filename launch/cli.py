@@ -5,6 +5,7 @@ Never 255: gcloud re-runs a command whose ssh exits 255.
 """
 
 import math
+import os
 import re
 import sys
 import traceback
@@ -21,6 +22,14 @@ GIN_BINDINGS = flags.DEFINE_multi_string(
     "gin_bindings", [], "Gin binding such as 'train.num_steps=200'; repeatable."
 )
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics.")
+SHOW_LIBRARY_LOGS = flags.DEFINE_bool(
+    "show_library_logs",
+    False,
+    "Print the libraries' INFO logs (Orbax, JAX, uvicorn, ...) on the console too; by default "
+    "the console shows Cirrus's own lines and warnings, and the INFO logs go to "
+    "WORKDIR/logs/<entry point>.log.",
+)
+COMPILATION_CACHE_ENV = "CIRRUS_COMPILATION_CACHE"
 
 
 def parse_mesh_shape(text: str, flag: str = "--mesh_shape") -> tuple[int, int, int]:
@@ -61,11 +70,55 @@ def device_mesh(value: str | None, flag: str = "--mesh_shape"):
         raise UserError(f"{flag}={value!r}: {error}") from None
 
 
+def setup_logging(entry: str, workdir: str | None) -> str | None:
+    """The console shows Cirrus's own lines (printed) and WARNING+ log records; every INFO
+    record also goes to WORKDIR/logs/<entry>.log (a local workdir; per host past the first).
+    --show_library_logs puts INFO on the console too. Returns the log file's path, if any."""
+    import logging as std_logging
+
+    logging.set_verbosity(logging.INFO)
+    console = logging.get_absl_handler()
+    console.setLevel(std_logging.INFO if SHOW_LIBRARY_LOGS.value else std_logging.WARNING)
+    if not workdir or "://" in workdir or workdir.endswith(".gguf"):
+        return None
+    host = os.environ.get("CIRRUS_PROCESS_ID", "0")
+    name = entry if host in ("", "0") else f"{entry}_host{host}"
+    directory = os.path.join(workdir, "logs")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return None
+    path = os.path.join(directory, f"{name}.log")
+    handler = std_logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(std_logging.INFO)
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    std_logging.getLogger().addHandler(handler)
+    return path
+
+
+def enable_compilation_cache() -> None:
+    """XLA's persistent compilation cache, so a restart compiles nothing it compiled before:
+    $CIRRUS_COMPILATION_CACHE, default ~/.cache/cirrus/xla ("off" turns it off)."""
+    import jax
+
+    directory = os.environ.get(COMPILATION_CACHE_ENV) or os.path.expanduser("~/.cache/cirrus/xla")
+    if directory == "off":
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def guarded(main):
-    """Wraps an absl main: a UserError prints its message and exits 1; crashes never exit 255."""
+    """Wraps an absl main: a UserError prints its message and exits 1; crashes never exit 255.
+    Logging is set up first (`setup_logging`)."""
 
     def wrapper(argv):
         try:
+            entry = main.__module__.rsplit(".", 1)[-1]
+            if entry == "__main__":
+                entry = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+            workdir = WORKDIR.value if WORKDIR.present or WORKDIR.value else None
+            setup_logging(entry, workdir)
             return main(argv)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr, flush=True)

@@ -1,20 +1,24 @@
-"""Evaluates a trained run's latest checkpoint: text metrics, multiple choice, generation.
+"""Evaluates a model: text metrics, multiple choice, generation.
 
-  python -m launch.eval --workdir=DIR [--gin_bindings="eval.stride=64"] \
-      [--gin_bindings="eval.choice_tasks=('my_task.jsonl',)"]
+  python -m launch.eval --workdir=DIR|HF_DIR|FILE.gguf [--gin_bindings="eval.stride=64"] \
+      [--gin_bindings="eval.choice_tasks=('my_task.jsonl',)"] [--report_dir=DIR]
 
 By default: loss, perplexity, bits per byte and next-token accuracy of the run's held-out
-validation split (sliding window), and the LAMBADA-style cloze task built from it. Settings
-are `eval.*` (research.evaluation.EvalConfig). Writes eval_report.json and eval_report.md
-to the workdir and prints the table.
+validation split (sliding window), and the LAMBADA-style cloze task built from it. A model
+without prepared data (imported) evaluates eval.text_files / eval.choice_tasks instead.
+Settings are `eval.*` (research.evaluation.EvalConfig). Writes eval_report.json and
+eval_report.md to --report_dir (default: the workdir of a Cirrus run, else the current
+directory) and prints the table. Memory is bounded by window x block (attention and the LM
+head run a block at a time), so the model's full context works as eval.seq_len.
 """
 
 import dataclasses
 import json
+import resource
 import sys
 import time
 
-from absl import app, logging
+from absl import app, flags
 from etils import epath
 
 from launch import cli
@@ -22,6 +26,9 @@ from launch import config as gin_config
 from research.errors import UserError
 from research.evaluation import EvalConfig, build_suite, markdown_table, run_suite
 
+REPORT_DIR = flags.DEFINE_string(
+    "report_dir", None, "Where to write the reports (default: the run's workdir, else '.')."
+)
 REPORT_JSON = "eval_report.json"
 REPORT_MARKDOWN = "eval_report.md"
 
@@ -35,17 +42,19 @@ def main(argv):
         raise UserError(f"unexpected arguments {argv[1:]}; pass settings as --gin_bindings.")
     workdir = cli.WORKDIR.value
     if not workdir:
-        raise UserError("--workdir is required: the training run to evaluate.")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore detail at INFO.
+        raise UserError("--workdir is required: the run (or HF directory, or .gguf) to evaluate.")
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
     config = gin_config.build(EvalConfig)
 
-    from research.checkpoint import load_model
+    from research.checkpoint import load
 
-    loaded = load_model(workdir, log=_log)
+    loaded = load(workdir, log=_log)
     if loaded.tokenizer is None:
-        raise UserError(f"{workdir} has no tokenizer/ directory; evaluation needs it.")
+        raise UserError(f"{workdir} has no tokenizer; evaluation needs it.")
     data_dir = loaded.data_dir
+    if config.split and data_dir is None and (config.text_files or config.choice_tasks):
+        _log(f"{workdir} has no prepared data (an imported model): eval.split is skipped")
+        config = dataclasses.replace(config, split="")
     if config.split and (data_dir is None or not epath.Path(data_dir).exists()):
         raise UserError(
             f"eval.split={config.split!r} needs the run's prepared data, but "
@@ -56,20 +65,27 @@ def main(argv):
     suite = build_suite(config, loaded.model_config, loaded.tokenizer, data_dir=data_dir)
     results = run_suite(suite, loaded.graphdef, loaded.params)
     seconds = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     table = markdown_table(results)
     report = {
         "workdir": str(workdir),
         "step": loaded.step,
         "seconds": round(seconds, 2),
+        "peak_memory_gb": round(peak_gb, 2),
         "config": dataclasses.asdict(config),
         "metrics": results,
     }
-    workdir_path = epath.Path(workdir)
-    (workdir_path / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    header = f"# Evaluation of {workdir} at step {loaded.step}\n\n"
-    (workdir_path / REPORT_MARKDOWN).write_text(header + table)
+    default_dir = workdir if loaded.step is not None else "."
+    report_dir = epath.Path(REPORT_DIR.value or default_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+    at = f" at step {loaded.step}" if loaded.step is not None else ""
+    (report_dir / REPORT_MARKDOWN).write_text(f"# Evaluation of {workdir}{at}\n\n" + table)
     print(table, end="", flush=True)
-    _log(f"evaluated in {seconds:.1f}s; wrote {workdir_path / REPORT_JSON} and {REPORT_MARKDOWN}")
+    _log(
+        f"evaluated in {seconds:.1f}s (peak memory {peak_gb:.2f} GB); wrote "
+        f"{report_dir / REPORT_JSON} and {REPORT_MARKDOWN}"
+    )
 
 
 if __name__ == "__main__":

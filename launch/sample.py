@@ -1,21 +1,27 @@
-"""Streams text sampled from a trained run's latest checkpoint.
+"""Streams text sampled from a model: a run's latest checkpoint, a Hugging Face directory or
+a GGUF file (research.checkpoint.load).
 
-  python -m launch.sample --workdir=DIR --prompt="ROMEO" \
-      [--max_new_tokens=128 --temperature=0.8 --top_k=0 --top_p=1.0 --seed=0 --num_samples=1]
+  python -m launch.sample --workdir=DIR|HF_DIR|FILE.gguf --prompt="ROMEO" \
+      [--max_new_tokens=128 --temperature=0.8 --top_k=0 --top_p=1.0 --seed=0 --num_samples=1
+       --json]
 
-The prompt gets the bos token first, as training documents do; "\\n" in it means a newline.
-Samples run together in one batch (sample i uses seed + i) and are printed one after another
-as their text arrives, each ending at the end-of-text token or after max_new_tokens.
+The prompt is tokenized as the tokenizer's own users get it (`Tokenizer.encode_prompt`: bos
+first only where the tokenizer adds it, as for Cirrus-trained tokenizers); "\\n" in it means a
+newline. Samples run together in one batch (sample i uses seed + i) and are printed one after
+another as their text arrives, each ending at the end-of-text token or after max_new_tokens.
+With --json, each sample is one JSON line instead ({"seed", "prompt_ids", "token_ids",
+"text", "finish_reason"}).
 """
 
+import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import cli
 from launch import config as gin_config
-from research.errors import UserError
-from research.serving import Sampler, SamplingParams, encode_prompt
+from research.errors import RequestError, UserError
+from research.serving import Sampler, SamplingParams, complete
 
 PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per sample at most.")
@@ -30,6 +36,7 @@ MESH_SHAPE = flags.DEFINE_string(
     "Sample on a (data, fsdp, tensor) device mesh, e.g. 1,1,2 for two-way tensor "
     "parallelism over the first two devices; empty = one device.",
 )
+JSON = flags.DEFINE_bool("json", False, "Print each sample as one JSON line (token ids, text).")
 _MAX_SAMPLES = 64
 
 
@@ -83,7 +90,6 @@ def main(argv):
         raise UserError("--prompt is empty; give some text to continue, e.g. --prompt='ROMEO'.")
     if not 1 <= NUM_SAMPLES.value <= _MAX_SAMPLES:
         raise UserError(f"--num_samples={NUM_SAMPLES.value} must be in [1, {_MAX_SAMPLES}].")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore detail at INFO.
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
     prompt = PROMPT.value.replace("\\n", "\n").replace("\\t", "\t")
     seeds = [SEED.value + i for i in range(NUM_SAMPLES.value)]
@@ -100,36 +106,52 @@ def main(argv):
     try:  # Bad flags fail before the model loads, named as flags.
         for request in requests:
             request.check(vocab_size=2**31 - 1, max_stop_tokens=1, max_logprobs=0)
-    except UserError as error:
-        raise UserError(str(error).replace("sampling.", "--")) from None
+    except RequestError as error:
+        raise UserError(f"--{error}") from None
 
     mesh = cli.device_mesh(MESH_SHAPE.value)
-    from research.checkpoint import load_model
+    from research.checkpoint import load
 
-    loaded = load_model(workdir, mesh=mesh, log=lambda line: print(line, file=sys.stderr))
+    loaded = load(workdir, mesh=mesh, log=lambda line: print(line, file=sys.stderr))
     tokenizer = loaded.tokenizer
     if tokenizer is None:
-        raise UserError(f"{workdir} has no tokenizer/ directory; sampling needs the tokenizer.")
+        raise UserError(f"{workdir} has no tokenizer; sampling needs the tokenizer.")
     requests = [
         SamplingParams(**{**vars(r), "stop_token_ids": (tokenizer.eos_id,)}) for r in requests
     ]
-    prompt_ids = encode_prompt(tokenizer, prompt)
+    prompt_ids = tokenizer.encode_prompt(prompt)
+    context = loaded.model_config.max_seq_len
+    if len(prompt_ids) >= context:
+        raise UserError(
+            f"--prompt has {len(prompt_ids)} tokens but the model's context is {context}; "
+            "shorten it."
+        )
     sampler = Sampler(
         loaded.model_config,
         loaded.graphdef,
         loaded.params,
         num_slots=len(seeds),
+        max_len=min(context, len(prompt_ids) + MAX_NEW_TOKENS.value),
         steps_per_call=8,
         mesh=mesh,
     )
-    sampler.check_prompt(prompt_ids)
-    print(
-        f"step {loaded.step} of {workdir}: {len(prompt_ids)} prompt tokens, "
-        f"context {sampler.max_len}",
-        file=sys.stderr,
-    )
+    where = f"step {loaded.step} of {workdir}" if loaded.step is not None else workdir
+    print(f"{where}: {len(prompt_ids)} prompt tokens, context {sampler.max_len}", file=sys.stderr)
+    if JSON.value:
+        completions = complete(sampler, [prompt_ids] * len(seeds), requests, tokenizer=tokenizer)
+        for seed, completion in zip(seeds, completions, strict=True):
+            line = {
+                "seed": seed,
+                "prompt_ids": prompt_ids,
+                "token_ids": completion.token_ids,
+                "text": completion.text,
+                "finish_reason": completion.finish_reason,
+            }
+            print(json.dumps(line, ensure_ascii=False), flush=True)
+        return
     printer = _Printer(prompt, seeds)
-    sampler.complete(
+    complete(
+        sampler,
         [prompt_ids] * len(seeds),
         requests,
         tokenizer=tokenizer,

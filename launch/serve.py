@@ -10,15 +10,19 @@
 Then `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)`. API keys come from
 --api_keys_file (one per line, # comments) and $CIRRUS_API_KEYS (comma-separated); with none,
 no key is needed. `serve.*` gin bindings set the EngineConfig (slots, context, queue, prefix
-cache). GET /ready answers 200 once the engine has compiled. SIGTERM or Ctrl-C: stop taking
-connections, let in-flight requests finish (at most --drain_timeout_s), exit 0.
+cache, watchdog). GET /ready answers 200 once the engine has compiled. SIGTERM or Ctrl-C: stop
+taking connections, let in-flight requests finish (at most --drain_timeout_s), exit 0. If the
+engine fails (it died, or a device call hung past serve.watchdog_s), /health and /ready
+answer 503, in-flight requests get errors, and the process exits with code 3.
 """
 
 import os
 import signal
 import sys
+import threading
+import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import cli
 from launch import config as gin_config
@@ -42,6 +46,14 @@ MESH_SHAPE = flags.DEFINE_string(
 DRAIN_TIMEOUT_S = flags.DEFINE_float(
     "drain_timeout_s", 30.0, "On SIGTERM: how long in-flight requests may take to finish."
 )
+EXIT_ON_FAILURE_S = flags.DEFINE_float(
+    "exit_on_failure_s",
+    2.0,
+    "When the engine fails (dies, or a device call hangs past serve.watchdog_s): exit with "
+    "code 3 this many seconds later, so the replica is restarted; < 0 = keep running (then "
+    "/health answers 503).",
+)
+EXIT_ENGINE_FAILED = 3
 KEYS_ENV = "CIRRUS_API_KEYS"
 
 
@@ -62,7 +74,6 @@ def main(argv):
             raise UserError(f"--{name}={value} must be >= 0 (0 = unlimited).")
     if MAX_REQUEST_KB.value < 1:
         raise UserError(f"--max_request_kb={MAX_REQUEST_KB.value} must be >= 1.")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore detail at INFO.
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
 
     from research.serving.engine import Engine, EngineConfig
@@ -75,17 +86,18 @@ def main(argv):
 
     import uvicorn
 
-    from research.serving.metrics import ServingMetrics
-    from research.serving.server import create_app
+    from research.serving.engine import ServingMetrics
+    from research.serving.http.server import create_app
 
-    model_config, graphdef, params, tokenizer, template = load(kind, source, mesh)
-    if tokenizer is None:
+    cli.enable_compilation_cache()
+    loaded = load(kind, source, mesh)
+    if loaded.tokenizer is None:
         raise UserError(f"{source} has no tokenizer; serving needs one to read and write text.")
     engine = Engine(
-        model_config,
-        graphdef,
-        params,
-        tokenizer,
+        loaded.model_config,
+        loaded.graphdef,
+        loaded.params,
+        loaded.tokenizer,
         engine_config,
         mesh=mesh,
         metrics=ServingMetrics(model_name),
@@ -97,23 +109,28 @@ def main(argv):
         rate_limit_rpm=RATE_LIMIT_RPM.value,
         rate_limit_tpm=RATE_LIMIT_TPM.value,
         max_request_bytes=MAX_REQUEST_KB.value * 1024,
-        chat_template=template,
+        chat_template=loaded.chat_template,
         log_prompts=LOG_PROMPTS.value,
     )
     _log(
         f"serving {model_name!r} ({kind} {source}): context {engine.max_len}, "
         f"{engine_config.num_slots} slots, "
         f"{'API keys required' if api_keys else 'no API keys'}, "
-        f"chat template {'from the tokenizer' if template else 'default ChatML'}; "
+        f"chat template {'from the tokenizer' if loaded.chat_template else 'default ChatML'}; "
         f"http://{HOST.value}:{PORT.value}/v1 (ready once compiled: GET /ready)"
     )
+    if not api_keys and HOST.value not in ("127.0.0.1", "localhost", "::1"):
+        _log(
+            f"warning: listening on {HOST.value} without API keys: anyone who reaches the port "
+            f"can use the model; set --api_keys_file or ${KEYS_ENV}."
+        )
     engine.start()  # Compiles on its thread while /health and /ready already answer.
     server = uvicorn.Server(
         uvicorn.Config(
             application,
             host=HOST.value,
             port=PORT.value,
-            log_level="info",
+            log_level="info" if cli.SHOW_LIBRARY_LOGS.value else "warning",
             timeout_graceful_shutdown=max(1, int(DRAIN_TIMEOUT_S.value)),
         )
     )
@@ -122,11 +139,23 @@ def main(argv):
     # drains and the process exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    if EXIT_ON_FAILURE_S.value >= 0:
+        threading.Thread(target=_stop_on_failure, args=(engine, server), daemon=True).start()
     server.run()
+    if engine.error:
+        _log(f"error: {engine.error}; exiting with code {EXIT_ENGINE_FAILED} to be restarted")
+        # At once: the engine thread may be stuck in a device call that never returns.
+        os._exit(EXIT_ENGINE_FAILED)
     _log("shutting down: draining the engine")
     engine.shutdown(DRAIN_TIMEOUT_S.value)
-    if engine.error:
-        raise RuntimeError(engine.error)
+
+
+def _stop_on_failure(engine, server) -> None:
+    """Once the engine fails (in-flight requests got their errors), stops uvicorn so the
+    process exits non-zero and the orchestrator restarts the replica."""
+    engine.wait_failed()
+    time.sleep(EXIT_ON_FAILURE_S.value)  # Lets the error responses reach their clients.
+    server.should_exit = True
 
 
 def read_api_keys(path: str | None, env_value: str) -> tuple[str, ...]:
@@ -151,38 +180,16 @@ def default_model_name(source: str) -> str:
 
 
 def load(kind: str, source: str, mesh):
-    """(model_config, graphdef, params, tokenizer, chat_template) of the source."""
-    import jax
-    from etils import epath
+    """The LoadedModel of the source (research.checkpoint.load, the one loader)."""
+    from research.checkpoint import load as load_source
 
-    from research import sharding, storage
-    from research.checkpoint import load_model, load_pretrained, param_shardings
-    from research.serving.chat import read_chat_template
-
-    if kind == "workdir":
-        loaded = load_model(source, mesh=mesh, log=_log)
-        tokenizer_dir = epath.Path(source) / "tokenizer"
-        template = None
-        if tokenizer_dir.exists():
-            template = read_chat_template(storage.local_copy(tokenizer_dir))
-        return loaded.model_config, loaded.graphdef, loaded.params, loaded.tokenizer, template
     if kind == "from_hf" and source.endswith(".gguf"):
         raise UserError(f"--from_hf={source!r} is a GGUF file; use --from_gguf.")
     if kind == "from_gguf" and not source.endswith(".gguf"):
         raise UserError(f"--from_gguf={source!r} does not end in .gguf; give a GGUF file.")
     if kind == "from_hf" and not os.path.isfile(os.path.join(source, "config.json")):
         raise UserError(f"--from_hf={source!r} has no config.json; give a Hugging Face model dir.")
-    pretrained = load_pretrained(source, log=_log)
-    if kind == "from_gguf":
-        template = pretrained.tokenizer_extra.get("chat_template")
-    else:
-        template = read_chat_template(pretrained.tokenizer_dir)
-    graphdef, _, shardings = param_shardings(
-        pretrained.model_config,
-        mesh if mesh is not None else sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]),
-    )
-    params = jax.device_put(pretrained.params, shardings)
-    return pretrained.model_config, graphdef, params, pretrained.tokenizer, template
+    return load_source(source, mesh=mesh, log=_log)
 
 
 def _log(message: str) -> None:

@@ -163,9 +163,11 @@ def _host_params(params):
 
 def _print_sample(trainer, params, model_config, tokenizer):
     """Streams a sample from the KV-cache Sampler (the one launch.sample and serving use)."""
-    from research.serving import Sampler, SamplingParams, encode_prompt
+    from research.serving import Sampler, SamplingParams, complete
 
-    sampler = Sampler(model_config, trainer.graphdef, params, num_slots=1)
+    prompt_ids = tokenizer.encode_prompt(SAMPLE_PROMPT.value)
+    max_len = min(model_config.max_seq_len, len(prompt_ids) + SAMPLE_TOKENS.value)
+    sampler = Sampler(model_config, trainer.graphdef, params, num_slots=1, max_len=max_len)
     request = SamplingParams(
         max_new_tokens=SAMPLE_TOKENS.value,
         temperature=0.8,
@@ -173,8 +175,9 @@ def _print_sample(trainer, params, model_config, tokenizer):
         stop_token_ids=(tokenizer.eos_id,),
     )
     print("\n--- sample (temperature 0.8) ---\n" + SAMPLE_PROMPT.value, end="", flush=True)
-    sampler.complete(
-        [encode_prompt(tokenizer, SAMPLE_PROMPT.value)],
+    complete(
+        sampler,
+        [prompt_ids],
         request,
         tokenizer=tokenizer,
         on_text=lambda _, text: print(text, end="", flush=True),

@@ -1,9 +1,10 @@
 """Checkpoints: Orbax save/restore of training runs (local, gs://, s3://), and model
 interchange: Hugging Face safetensors import/export (hf.py), GGUF import (gguf.py), and
-pretrained weights from any of them or a Cirrus run (pretrained.py)."""
+pretrained weights from any of them or a Cirrus run (pretrained.py), and `load`, the one
+loader of a model for inference from any of them (load.py)."""
 
 from research.checkpoint.hf import load_hf, save_hf
-from research.checkpoint.load import LoadedModel, load_model, param_shardings
+from research.checkpoint.load import LoadedModel, load, load_model, param_shardings
 from research.checkpoint.manager import (
     CheckpointConfig,
     Checkpointer,
@@ -18,6 +19,7 @@ __all__ = [
     "Checkpointer",
     "LoadedModel",
     "Pretrained",
+    "load",
     "load_hf",
     "load_model",
     "load_pretrained",

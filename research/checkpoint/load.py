@@ -1,4 +1,10 @@
-"""Loading a trained model for inference or fine-tuning: parameters only, onto any mesh."""
+"""Loading a model for inference: parameters only, onto any mesh.
+
+`load(source)` is the one loader every entry point uses: a Cirrus workdir (its latest usable
+checkpoint), a Hugging Face model directory, or a GGUF file, each giving the same
+LoadedModel (parameters placed on the mesh by their logical axes, the tokenizer, the chat
+template). `load_model(workdir)` is the workdir case.
+"""
 
 import dataclasses
 
@@ -6,7 +12,7 @@ import jax
 from etils import epath
 from flax import nnx
 
-from research import sharding
+from research import sharding, storage
 from research.checkpoint.manager import (
     CheckpointConfig,
     Checkpointer,
@@ -14,6 +20,7 @@ from research.checkpoint.manager import (
     restore_latest_usable,
 )
 from research.data import Tokenizer
+from research.data.tokenizer import read_chat_template
 from research.errors import UserError
 from research.model import ModelConfig
 from research.storage import local_copy
@@ -26,8 +33,44 @@ class LoadedModel:
     graphdef: object
     params: object  # nnx.State of nnx.Param, sharded on the mesh it was loaded onto.
     tokenizer: Tokenizer | None
-    step: int
+    step: int | None  # The checkpoint step of a workdir; None for HF / GGUF sources.
     data_dir: str | None
+    chat_template: str | None = None  # Jinja, from tokenizer_config.json or GGUF metadata.
+    source: dict = dataclasses.field(default_factory=dict)  # {"format", "path", ...}
+
+
+def load(source: str, *, mesh=None, log=print) -> LoadedModel:
+    """A workdir, a Hugging Face directory (config.json) or a `.gguf` file, onto `mesh`
+    (default: one device)."""
+    from research.checkpoint.pretrained import load_pretrained
+
+    path = epath.Path(source)
+    is_hf = not storage.is_remote(source) and (path / "config.json").exists()
+    if not source.endswith(".gguf") and not is_hf:  # A workdir (load_model names what is missing).
+        loaded = load_model(source, mesh=mesh, log=log)
+        tokenizer_dir = path / "tokenizer"
+        if tokenizer_dir.exists():
+            loaded.chat_template = read_chat_template(local_copy(tokenizer_dir))
+        loaded.source = {"format": "cirrus", "path": source, "step": loaded.step}
+        return loaded
+    pretrained = load_pretrained(source, log=log)
+    if pretrained.tokenizer_dir:
+        template = read_chat_template(pretrained.tokenizer_dir)
+    else:
+        template = pretrained.tokenizer_extra.get("chat_template")
+    if mesh is None:
+        mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    graphdef, _, shardings = param_shardings(pretrained.model_config, mesh)
+    return LoadedModel(
+        model_config=pretrained.model_config,
+        graphdef=graphdef,
+        params=jax.device_put(pretrained.params, shardings),
+        tokenizer=pretrained.tokenizer,
+        step=None,
+        data_dir=None,
+        chat_template=template,
+        source=pretrained.source,
+    )
 
 
 def param_shardings(model_config: ModelConfig, mesh):

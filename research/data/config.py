@@ -8,7 +8,7 @@ import os
 from research.errors import UserError
 
 # Bump when the prepared format changes, so that old caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest tokenizer.add_bos.
 NUM_SPECIAL_TOKENS = 3  # <|pad|>, <|bos|>, <|endoftext|>.
 MIN_VOCAB_SIZE = 256 + NUM_SPECIAL_TOKENS  # Every byte plus the special tokens.
 DATA_DIR_ENV = "CIRRUS_DATA_DIR"

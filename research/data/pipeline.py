@@ -1,8 +1,9 @@
 """The grain input pipeline: documents -> chunks -> shuffle -> pack -> per-host batches.
 
-Each document (token ids ending in eos) gets bos in front and is cut into chunks of
-seq_len + 1 tokens; consecutive chunks overlap by one token, so every token after bos is a
-target exactly once. A chunk is one example (inputs = chunk[:-1], targets = chunk[1:]).
+Each document (token ids ending in eos) gets bos in front where the tokenizer puts bos first
+(Cirrus tokenizers; not e.g. SmolLM2's: manifest "add_bos") and is cut into chunks of
+seq_len + 1 tokens; consecutive chunks overlap by one token, so every token after the first
+is a target exactly once. A chunk is one example (inputs = chunk[:-1], targets = chunk[1:]).
 Examples are shuffled globally (a new order each epoch), packed first-fit into rows of
 seq_len tokens, and batched:
 
@@ -83,8 +84,10 @@ def make_dataset(
         )
     options = _shard_options(shard_index, shard_count)
     bos_id = prepared.manifest["tokenizer"]["bos_id"]
+    lead = 1 if prepared.manifest["tokenizer"].get("add_bos", True) else 0
 
-    chunks = _chunk_table(shards.document_lengths(prepared.directory, split), seq_len, options)
+    lengths = shards.document_lengths(prepared.directory, split)
+    chunks = _chunk_table(lengths, seq_len, options, lead)
     if len(chunks) == 0:
         raise UserError(
             f"split {split!r} has {num_documents} documents, fewer than the "
@@ -94,7 +97,7 @@ def make_dataset(
     source = shards.open_split(prepared.directory, split)
 
     def to_example(chunk):
-        return _example(source, chunk, bos_id, seq_len)
+        return _example(source, chunk, bos_id, seq_len, lead)
 
     dataset = grain.MapDataset.source(chunks)
     if shuffle:
@@ -133,25 +136,27 @@ def _shard_options(shard_index, shard_count) -> grain.sharding.ShardOptions:
     return grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count)
 
 
-def _chunk_table(lengths: np.ndarray, seq_len: int, options) -> np.ndarray:
+def _chunk_table(lengths: np.ndarray, seq_len: int, options, lead: int = 1) -> np.ndarray:
     """[C, 2] int64 rows (document index, start) of this shard's chunks, in document order.
 
-    A document of L tokens (eos included) is L + 1 tokens with bos and holds L targets:
-    chunks start at 0, seq_len, 2 * seq_len, ... < L.
+    A document of L tokens (eos included) is L + lead tokens (lead = 1 with bos) and holds
+    L + lead - 1 targets: chunks start at 0, seq_len, 2 * seq_len, ... below that.
     """
     documents = np.arange(len(lengths))[options.shard_index :: options.shard_count]
-    counts = -(-lengths[documents] // seq_len)  # ceil(L / seq_len)
+    counts = -(-(lengths[documents] + lead - 1) // seq_len)  # ceil(targets / seq_len)
     document_of_chunk = np.repeat(documents, counts)
     first_chunk = np.cumsum(counts) - counts
     chunk_in_document = np.arange(counts.sum()) - np.repeat(first_chunk, counts)
     return np.stack([document_of_chunk, chunk_in_document * seq_len], axis=1).astype(np.int64)
 
 
-def _example(source, chunk, bos_id: int, seq_len: int) -> dict:
+def _example(source, chunk, bos_id: int, seq_len: int, lead: int = 1) -> dict:
     """One chunk -> {"inputs": [t] int32, "targets": [t] int32}, t <= seq_len."""
     document, start = int(chunk[0]), int(chunk[1])
     ids = shards.decode_record(source[document])
-    if start == 0:
+    if lead == 0:
+        tokens = ids[start : start + seq_len + 1]
+    elif start == 0:
         tokens = np.concatenate([np.array([bos_id], np.int32), ids[:seq_len]])
     else:  # Token k of the bos-prefixed document is ids[k - 1].
         tokens = ids[start - 1 : start + seq_len]

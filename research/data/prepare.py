@@ -247,6 +247,7 @@ def _write(directory, config, tokenizer, splits, report, num_read, log) -> dict:
             "pad_id": tokenizer.pad_id,
             "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id,
+            "add_bos": tokenizer.add_bos,
         },
         "splits": split_stats,
     }

@@ -30,10 +30,20 @@ _SENTENCEPIECE_FILE = "tokenizer.model"
 
 
 class Tokenizer:
-    """Text <-> token ids. `encode` adds no special tokens; documents get bos/eos elsewhere.
+    """Text <-> token ids. `encode` adds no special tokens; `encode_prompt` adds the ones the
+    tokenizer itself adds (its convention, see `add_bos`).
 
     Text that spells a special token ("<|endoftext|>") is encoded as ordinary text here;
     a plain `tokenizers.Tokenizer.from_file` of the saved directory maps it to the special id.
+
+    The convention is the tokenizer's post-processor (tokenizer.json), the one transformers
+    (v5) and vLLM apply: `add_bos` is whether it puts bos first (Cirrus-trained tokenizers
+    do; SmolLM2's, Qwen's and GPT-2's do not). A GGUF file's tokenizer.ggml.add_bos_token
+    becomes that post-processor on import (research/checkpoint/gguf.py).
+
+    Args:
+      hf_tokenizer: the `tokenizers.Tokenizer`.
+      bos_token, eos_token, pad_token: special token strings.
     """
 
     def __init__(
@@ -52,6 +62,11 @@ class Tokenizer:
         for name, token in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token)):
             if token is not None and hf_tokenizer.token_to_id(token) is None:
                 raise ValueError(f"{name} token {token!r} is not in the vocabulary.")
+        with_special = hf_tokenizer.encode("a", add_special_tokens=True).ids
+        plain = hf_tokenizer.encode("a", add_special_tokens=False).ids
+        added = len(with_special) > len(plain)
+        self.add_bos = added and with_special[0] == self.bos_id
+        self.add_eos = added and with_special[-1] == self.eos_id
 
     @property
     def vocab_size(self) -> int:
@@ -78,6 +93,18 @@ class Tokenizer:
         """Token ids of `text`, without bos/eos."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt as the tokenizer's own users get them (transformers'
+        `tokenizer(text)`, vLLM, llama.cpp): its post-processor's special tokens, bos first
+        only where the tokenizer adds it (Cirrus-trained tokenizers do; SmolLM2's does not)."""
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
+
+    def document(self, text: str, *, append_eos: bool = True) -> list[int]:
+        """A whole document as training and evaluation see it: bos where the tokenizer adds
+        it, the text, eos (unless append_eos=False)."""
+        ids = ([self.bos_id] if self.add_bos else []) + self.encode(text)
+        return ids + [self.eos_id] if append_eos else ids
+
     def encode_batch(self, texts) -> list[list[int]]:
         """`encode` over many texts, in parallel (Rust threads)."""
         encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
@@ -99,6 +126,8 @@ class Tokenizer:
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **special,
+            "add_bos_token": self.add_bos,
+            "add_eos_token": self.add_eos,
             "model_max_length": model_max_length,
             "clean_up_tokenization_spaces": False,
         }
@@ -210,3 +239,22 @@ def _resolve_special_tokens(hf_tokenizer, special: dict, path: str) -> dict:
         )
     bos = pick("bos_token", _BOS_CANDIDATES) or eos
     return {"bos_token": bos, "eos_token": eos, "pad_token": pick("pad_token", _PAD_CANDIDATES)}
+
+
+def read_chat_template(tokenizer_dir: str | None) -> str | None:
+    """The `chat_template` of `tokenizer_dir/tokenizer_config.json`, or None.
+
+    A list of named templates (Hugging Face's multi-template form) gives the one named
+    "default".
+    """
+    if not tokenizer_dir:
+        return None
+    path = os.path.join(tokenizer_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        template = json.load(f).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None

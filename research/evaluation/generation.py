@@ -2,7 +2,7 @@
 
 from research.evaluation import metrics
 from research.evaluation.tasks import GenerationItem
-from research.serving import SamplingParams, encode_prompt
+from research.serving import SamplingParams, complete
 
 
 def evaluate_generation(
@@ -24,9 +24,9 @@ def evaluate_generation(
     room = max(1, sampler.max_len - max_new_tokens)  # Long prompts keep their end.
     prompts = []
     for item in items:
-        ids = encode_prompt(tokenizer, item.prompt)
+        ids = tokenizer.encode_prompt(item.prompt)
         prompts.append(ids if len(ids) <= room else ids[-room:])
-    completions = sampler.complete(prompts, request, tokenizer=tokenizer)
+    completions = complete(sampler, prompts, request, tokenizer=tokenizer)
     exact = sum(
         metrics.exact_match(c.text.strip(), i.answers)
         for c, i in zip(completions, items, strict=True)

@@ -14,10 +14,12 @@ from research.evaluation.tasks import ChoiceItem
 
 
 def choice_spans(tokenizer, items: list[ChoiceItem], seq_len: int) -> list[Span]:
-    """One span per (item, choice): bos + context + choice, scoring the choice's tokens."""
+    """One span per (item, choice): the context as a prompt (bos where the tokenizer adds
+    it) + choice, scoring the choice's tokens."""
     spans = []
     for item in items:
-        context = [tokenizer.bos_id, *tokenizer.encode(item.context)]
+        # As lm-evaluation-harness: an empty context is the document boundary token alone.
+        context = tokenizer.document(item.context, append_eos=False) or [tokenizer.bos_id]
         for choice in item.choices:
             continuation = tokenizer.encode(choice)[:seq_len]
             tokens = (context + continuation)[-(seq_len + 1) :]

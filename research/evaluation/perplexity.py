@@ -1,11 +1,12 @@
 """Loss, perplexity, bits per byte and next-token accuracy of whole documents.
 
-Each document is scored as in training: bos, its tokens, then eos (unless append_eos=False),
-every token after bos a target exactly once. Documents longer than the window are scored
-with a sliding window (Hugging Face's "perplexity of fixed-length models"): windows of
-`seq_len` inputs start every `stride` tokens, and each scores only the targets the previous
-window did not, so every target sees at least seq_len - stride tokens of context (all
-before it, near the start). stride = seq_len gives disjoint windows.
+Each document is scored as in training: bos (where the tokenizer puts bos first), its tokens,
+then eos (unless append_eos=False), every token after the first a target exactly once.
+Documents longer than the window are scored with a sliding window (Hugging Face's
+"perplexity of fixed-length models"): windows of `seq_len` inputs start every `stride`
+tokens, and each scores only the targets the previous window did not, so every target sees
+at least seq_len - stride tokens of context (all before it, near the start). stride =
+seq_len gives disjoint windows.
 
 Bits per byte = total negative log-likelihood / ln 2 / UTF-8 bytes of the text: unlike
 per-token loss, comparable across tokenizers.
@@ -35,8 +36,8 @@ def windows(tokens, seq_len: int, stride: int) -> list[Span]:
 
 
 def document_tokens(tokenizer, text: str, *, append_eos: bool = True) -> list[int]:
-    ids = [tokenizer.bos_id, *tokenizer.encode(text)]
-    return ids + [tokenizer.eos_id] if append_eos else ids
+    """bos (where the tokenizer puts it first), the text, eos: `Tokenizer.document`."""
+    return tokenizer.document(text, append_eos=append_eos)
 
 
 def evaluate_documents(

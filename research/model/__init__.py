@@ -13,6 +13,7 @@ the compute dtype (`ModelConfig.dtype`) at use.
 
 from research.model.attention import (
     Attention,
+    Segments,
     causal_attention,
     dot_product_attention,
     make_attention_mask,
@@ -36,6 +37,7 @@ __all__ = [
     "LearnedPositions",
     "ModelConfig",
     "RMSNorm",
+    "Segments",
     "SwiGLU",
     "apply_rope",
     "causal_attention",

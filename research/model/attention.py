@@ -7,6 +7,7 @@ same core and `Attention.project_out`.
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,6 +22,27 @@ _MASK_VALUE = -1e30
 # logits stay cache-sized on CPU (ref_small fwd+bwd attention: 37 ms -> 17 ms per layer).
 _QUERY_BLOCK = 64
 _MAX_QUERY_BLOCKS = 8
+# Given Segments (long sequences), blocks have exactly this many rows: memory is T x block.
+_SEGMENT_QUERY_BLOCK = 256
+
+
+@flax.struct.dataclass
+class Segments:
+    """The causal, same-document mask of packed rows, given by their segment ids [B, T]
+    instead of as a [B, T, T] array: `causal_attention` builds each query block's part when
+    it needs it, so a long sequence never holds a T x T mask (Decoder uses it past
+    `LONG_SEQUENCE` tokens)."""
+
+    ids_bt: jax.Array
+
+    def block(self, start: int, end: int) -> jax.Array:
+        """[B, end - start, end] bool: queries start..end-1 against keys 0..end-1."""
+        return make_attention_mask(
+            self.ids_bt[:, start:end],
+            self.ids_bt[:, :end],
+            q_index_bt=jnp.arange(start, end)[None],
+            kv_index_bs=jnp.arange(end)[None],
+        )
 
 
 def make_attention_mask(
@@ -94,19 +116,27 @@ def causal_attention(
     Args:
       q_btnh: [B, T, N, H]; k_btkh, v_btkh: [B, T, K, H]; all compute dtype.
       mask_btt: [B, T, T] bool and causal (False wherever key index > query index), e.g.
-        from `make_attention_mask` with default indices.
+        from `make_attention_mask` with default indices; or Segments (blocks of
+        _SEGMENT_QUERY_BLOCK queries, each mask built from the segment ids).
 
     Returns:
       [B, T, N, H] in the dtype of v.
     """
     t = q_btnh.shape[1]
-    block = max(_QUERY_BLOCK, -(-t // _MAX_QUERY_BLOCKS))
+    if isinstance(mask_btt, Segments):
+        block = _SEGMENT_QUERY_BLOCK
+    else:
+        block = max(_QUERY_BLOCK, -(-t // _MAX_QUERY_BLOCKS))
     outputs = []
     for start in range(0, t, block):
         end = min(start + block, t)
+        if isinstance(mask_btt, Segments):
+            mask_block = mask_btt.block(start, end)
+        else:
+            mask_block = mask_btt[:, start:end, :end]
         outputs.append(
             dot_product_attention(
-                q_btnh[:, start:end], k_btkh[:, :end], v_btkh[:, :end], mask_btt[:, start:end, :end]
+                q_btnh[:, start:end], k_btkh[:, :end], v_btkh[:, :end], mask_block
             )
         )
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.model.attention import Attention, make_attention_mask
+from research.model.attention import Attention, Segments, make_attention_mask
 from research.model.config import ModelConfig
 from research.model.dense import Dense
 from research.model.embedding import Embedding
@@ -19,6 +19,9 @@ from research.model.positional import LearnedPositions, RopeScaling
 from research.sharding import constrain
 
 _ACTIVATION_AXES = ("batch", "seq", "act_embed")
+# Past this many tokens the attention mask is built per query block (Segments): memory
+# grows as T x block, not T x T (an 8k-token evaluation window).
+LONG_SEQUENCE = 2048
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     # Save the projections' outputs (dots without batch dims), recompute the rest.
@@ -170,10 +173,25 @@ class Decoder(nnx.Module):
         Returns:
           [B, T, V] float32 logits.
         """
+        x_btd = self.features(tokens_bt, positions_bt=positions_bt, segment_ids_bt=segment_ids_bt)
+        return self.unembed(x_btd)
+
+    def features(
+        self,
+        tokens_bt: jax.Array,
+        *,
+        positions_bt: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final hidden states, before `unembed`: [B, T, D] compute dtype (arguments as
+        `__call__`). Scoring long windows unembeds them a chunk at a time."""
         b, t = tokens_bt.shape
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones((b, t), jnp.int32)
-        mask_bts = make_attention_mask(segment_ids_bt)
+        if t > LONG_SEQUENCE:
+            mask_bts = Segments(segment_ids_bt)
+        else:
+            mask_bts = make_attention_mask(segment_ids_bt)
         x_btd = self.embed(tokens_bt, positions_bt)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -185,7 +203,7 @@ class Decoder(nnx.Module):
             run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[self.config.remat])
         for block in self.layers:
             x_btd = run_block(block, x_btd, positions_bt, mask_bts)
-        return self.unembed(x_btd)
+        return x_btd
 
     def embed(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
         """Token (+ learned position) embeddings: [B, T] ints -> [B, T, D] compute dtype.

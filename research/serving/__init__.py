@@ -1,33 +1,41 @@
-"""Token generation: the jitted KV-cache sampler, its sampling settings and detokenization.
+"""Serving, in three layers (each imports only the ones above it):
 
-sampler.py     Sampler (prefill -> insert -> generate over fixed slots; extend, activate)
-complete.py    complete(): many requests run to their end on a Sampler, Completion
-sampling.py    SamplingParams (one request), per-slot arrays, choose_tokens
-kv_cache.py    KVCache per layer and the Decoder's forward through it
-detokenize.py  incremental detokenization and stop strings
-reference.py   full-forward decoding, the oracle the sampler is tested against
+core/    tokens in, tokens out: Sampler, KV cache, sampling, detokenization
+engine/  requests over slots: one Scheduler (threaded Engine, synchronous complete()),
+         prefix cache, metrics
+http/    the OpenAI API: FastAPI server, endpoints, request validation, chat templates
+
+The names most callers need are here; the HTTP layer is imported from research.serving.http
+(it pulls in FastAPI).
 """
 
-from research.serving.complete import Completion, encode_prompt
-from research.serving.detokenize import IncrementalDetokenizer, StopStrings, TextStream
-from research.serving.kv_cache import KVCache
-from research.serving.reference import generate_reference
-from research.serving.sampler import (
+from research.serving.core import (
     DecodeState,
-    Prefix,
+    IncrementalDetokenizer,
+    KVCache,
     Sampler,
+    SamplingParams,
+    SlotParams,
+    StopStrings,
+    TextStream,
     Tokens,
+    choose_tokens,
+    generate_reference,
+    key_buckets,
     length_buckets,
+    row_buckets,
     shard_params,
+    slot_params,
 )
-from research.serving.sampling import SamplingParams, SlotParams, choose_tokens, slot_params
+from research.serving.engine import Completion, Engine, EngineConfig, complete
 
 __all__ = [
     "Completion",
     "DecodeState",
+    "Engine",
+    "EngineConfig",
     "IncrementalDetokenizer",
     "KVCache",
-    "Prefix",
     "Sampler",
     "SamplingParams",
     "SlotParams",
@@ -35,9 +43,11 @@ __all__ = [
     "TextStream",
     "Tokens",
     "choose_tokens",
-    "encode_prompt",
+    "complete",
     "generate_reference",
+    "key_buckets",
     "length_buckets",
+    "row_buckets",
     "shard_params",
     "slot_params",
 ]

@@ -188,7 +188,7 @@ def test_command_flags_exist_in_launch_serve():
 def test_api_keys_and_probes_match_the_server():
     """The Secret lands in the variable launch.serve reads, and the kubelet's probes need no
     API key (it sends none): a keyed server must still answer /health and /ready."""
-    from research.serving import server
+    from research.serving.http import server
 
     with open(SERVE) as f:  # Not imported: its absl flags would clash with other mains'.
         (keys_env,) = re.findall(r"^KEYS_ENV = \"(\w+)\"", f.read(), flags=re.MULTILINE)

@@ -10,9 +10,16 @@ class CharTokenizer:
 
     pad_id, bos_id, eos_id = 0, 1, 2
     vocab_size = 3 + len(_CHARS)
+    add_bos, add_eos = True, False
 
     def encode(self, text: str) -> list[int]:
         return [3 + (_CHARS.index(c) if c in _CHARS else _CHARS.index("?")) for c in text]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [self.bos_id, *self.encode(text)]
+
+    def document(self, text: str, *, append_eos: bool = True) -> list[int]:
+        return [self.bos_id, *self.encode(text)] + ([self.eos_id] if append_eos else [])
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         out = []

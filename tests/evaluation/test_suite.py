@@ -17,7 +17,7 @@ from research.evaluation import (
     markdown_table,
     run_suite,
 )
-from research.serving import SamplingParams
+from research.serving import SamplingParams, complete
 from tests.evaluation.helpers import CharTokenizer
 from tests.serving.helpers import LLAMA, full_logits, random_split
 
@@ -92,7 +92,8 @@ def test_suite_runs_every_task_and_generation_scores_answers(model, tmp_path):
     request = SamplingParams(
         max_new_tokens=5, temperature=0.0, stop_token_ids=(2,), stop_strings=("\n",)
     )
-    (completion,) = sampler.complete(
+    (completion,) = complete(
+        sampler,
         [[1, *CharTokenizer().encode("the king")]],
         request,
         tokenizer=CharTokenizer(),

@@ -12,6 +12,7 @@ BPE tokenizer trained on the bundled Shakespeare; its text is gibberish, but eve
 a real token of a real tokenizer and every number is the model's own.
 """
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -19,9 +20,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+
+import openai
+import uvicorn
 
 from research.checkpoint.pretrained import Pretrained, save_as_run
 from research.data import default_corpus_documents, train_tokenizer
@@ -121,7 +126,12 @@ class ServerProcess:
 
 
 def start_server(
-    flags, *, port: int | None = None, env: dict | None = None, timeout_s: float = 240.0
+    flags,
+    *,
+    port: int | None = None,
+    env: dict | None = None,
+    timeout_s: float = 240.0,
+    module: str = "launch.serve",
 ) -> ServerProcess:
     """Starts `python -m launch.serve FLAGS --port=PORT` on 127.0.0.1 (stdout and stderr to a
     log file) and waits until GET /ready answers 200.
@@ -131,11 +141,12 @@ def start_server(
       port: default a free one.
       env: extra environment variables (e.g. CIRRUS_API_KEYS); the rest is inherited (under
         pytest, tests/conftest.py's JAX_PLATFORMS=cpu and 8 forced CPU devices).
+      module: the module to run (tests/serving/fault_serve.py injects faults).
     Raises RuntimeError with the log when the server exits or is not ready in time.
     """
     port = port or free_port()
     descriptor, log_path = tempfile.mkstemp(prefix="serve-", suffix=".log")
-    command = [sys.executable, "-m", "launch.serve", "--host=127.0.0.1", f"--port={port}"]
+    command = [sys.executable, "-m", module, "--host=127.0.0.1", f"--port={port}"]
     with os.fdopen(descriptor, "wb") as log_file:  # The child keeps its own copy.
         process = subprocess.Popen(
             [*command, *[str(f) for f in flags]],
@@ -166,3 +177,25 @@ def stop_server(server: ServerProcess, timeout_s: float = 30.0) -> int:
             os.kill(server.pid, signal.SIGKILL)
             server.process.wait()
     return server.process.returncode
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Runs `app` with uvicorn on a thread on a free 127.0.0.1 port; yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def make_client(url: str, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from research.errors import UserError
-from research.serving import Sampler, SamplingParams, generate_reference
+from research.serving import Sampler, SamplingParams, complete, generate_reference
 from research.serving.engine import Engine, EngineClosed, EngineConfig, QueueFull
-from research.serving.prefix_cache import PrefixCache
+from research.serving.engine.prefix_cache import PrefixCache
 from tests.evaluation.helpers import CharTokenizer
 from tests.serving.helpers import LLAMA, full_logits, random_split
 
@@ -65,7 +65,7 @@ def test_chunked_extend_equals_the_full_forward(model):
     greedy = SamplingParams(max_new_tokens=8, temperature=0.0)
     state = sampler.init_state()
     for start in range(0, len(LONG), 10):  # Chunks of 10 into slot 1, padded to 16.
-        state, _ = sampler.extend(state, 1, LONG[start : start + 10], start)
+        state, _ = sampler.extend(state, [(1, LONG[start : start + 10], start)])
     np.testing.assert_allclose(
         state.logits[1], full_logits(graphdef, params, [LONG])[0, -1], atol=1e-4
     )
@@ -81,17 +81,17 @@ def test_chunked_extend_equals_the_full_forward(model):
     assert not bool(steps.live[0])  # The other slot never started.
 
 
-def test_extend_rows_equals_one_extend_per_slot(model):
+def test_extend_of_several_rows_equals_one_extend_per_slot(model):
     """Three prompts in one padded call (one after an earlier chunk of its own) leave every
     slot's cache (up to its length) and logits as one extend each would; slot 4 untouched."""
     graphdef, params = model
     sampler = Sampler(CONFIG, graphdef, params, num_slots=5)
     rows = [(3, LONG[:10], 0), (0, [1, 7, 9], 0), (2, LONG[10:30], 10)]
-    single = sampler.extend(sampler.init_state(), 2, LONG[:10], 0)[0]
-    batched = sampler.extend(sampler.init_state(), 2, LONG[:10], 0)[0]
+    single = sampler.extend(sampler.init_state(), [(2, LONG[:10], 0)])[0]
+    batched = sampler.extend(sampler.init_state(), [(2, LONG[:10], 0)])[0]
     for slot, tokens, start in rows:
-        single, _ = sampler.extend(single, slot, tokens, start)
-    batched = sampler.extend_rows(batched, rows, num_rows=4)
+        single, _ = sampler.extend(single, [(slot, tokens, start)])
+    batched, _ = sampler.extend(batched, rows, num_rows=4)
     lengths = {0: 3, 2: 30, 3: 10}  # Past them: padding's keys, never attended to.
     for a, b in zip(jax.tree.leaves(single.cache), jax.tree.leaves(batched.cache), strict=True):
         for slot, length in lengths.items():
@@ -101,8 +101,8 @@ def test_extend_rows_equals_one_extend_per_slot(model):
         batched.logits[2], full_logits(graphdef, params, [LONG[:30]])[0, -1], atol=1e-4
     )
     assert not np.any(np.asarray(batched.cache.keys[0][4]))
-    with pytest.raises(UserError, match="extend_rows"):
-        sampler.extend_rows(batched, [(1, [5], 0), (1, [6], 0)])
+    with pytest.raises(UserError, match="extend"):
+        sampler.extend(batched, [(1, [5], 0), (1, [6], 0)])
 
 
 def test_batched_requests_equal_each_request_alone(engine, model):
@@ -115,7 +115,7 @@ def test_batched_requests_equal_each_request_alone(engine, model):
         SamplingParams(max_new_tokens=9, temperature=0.0, presence_penalty=1.0),
     ]
     outputs = run(engine, prompts, requests)  # 5 requests on 3 slots: some wait.
-    alone = Sampler(CONFIG, *model, num_slots=1).complete(prompts, requests)
+    alone = complete(Sampler(CONFIG, *model, num_slots=1), prompts, requests)
     for got, want in zip(outputs, alone, strict=True):
         assert tokens_of(got) == want.token_ids
         assert got[-1].finish_reason == "length"
@@ -151,7 +151,7 @@ def test_prefix_cache_reuses_blocks_exactly(engine):
     assert again[-1].cached_tokens == 24
     assert tokens_of(again) == tokens_of(first)
     model_alone = Sampler(CONFIG, engine.sampler.graphdef, engine.sampler.params, num_slots=1)
-    (want,) = model_alone.complete([system + [7]], greedy)
+    (want,) = complete(model_alone, [system + [7]], greedy)
     assert tokens_of(second) == want.token_ids
     assert engine.stats()["prefix_cache_hit_rate"] > 0
 
@@ -196,7 +196,7 @@ def test_bad_requests_are_named(engine):
 
     with pytest.raises(UserError, match="empty"):
         engine.submit([], SamplingParams(), ignore)
-    with pytest.raises(UserError, match="context holds 64"):
+    with pytest.raises(UserError, match="context of 64"):
         engine.submit([1] * 64, SamplingParams(), ignore)
     with pytest.raises(UserError, match="top_p"):
         engine.submit([1], SamplingParams(top_p=0.0), ignore)
@@ -272,8 +272,8 @@ def test_prefill_budget_per_loop_may_exceed_the_context(model, budget, live_afte
     for i in range(3):
         prompt = [1, *(3 + (i + t) % 30 for t in range(39))]
         engine.submit(prompt, SamplingParams(max_new_tokens=4), lambda output: None)
-    engine._step()
-    assert sum(r is not None and r.live for r in engine._slots) == live_after_one_loop
+    engine._loop()
+    assert sum(r is not None and r.live for r in engine.scheduler.slots) == live_after_one_loop
 
 
 def test_a_slot_freed_by_a_stop_string_serves_the_next_request_exactly(model):
@@ -294,20 +294,20 @@ def test_a_slot_freed_by_a_stop_string_serves_the_next_request_exactly(model):
         engine.shutdown()
     assert "".join(o.text for o in cut) == text[: text.index(text[3:5])]
     assert cut[-1].finish_reason == "stop"
-    (alone,) = Sampler(CONFIG, *model, num_slots=1).complete([[1, 7, 9]], [follow])
+    (alone,) = complete(Sampler(CONFIG, *model, num_slots=1), [[1, 7, 9]], [follow])
     assert tokens_of(after) == alone.token_ids
 
 
 def test_prompts_waiting_together_prefill_in_one_call_and_equal_each_alone(model):
     config = EngineConfig(num_slots=4, steps_per_call=2, prefill_chunk=64, prefill_rows=4)
     engine = Engine(CONFIG, *model, CharTokenizer(), config)
-    calls, extend_rows = [], engine.sampler.extend_rows
+    calls, extend = [], engine.sampler.extend
 
     def recorded(state, rows, **kwargs):  # The real call, its rows noted.
         calls.append(rows)
-        return extend_rows(state, rows, **kwargs)
+        return extend(state, rows, **kwargs)
 
-    engine.sampler.extend_rows = recorded
+    engine.sampler.extend = recorded
     prompts = [[1, 7, 9], LONG[:20], [1, 4], [1, 3, 3, 3, 3], [1, 8]]
     requests = [
         SamplingParams(max_new_tokens=6, temperature=0.0),
@@ -318,8 +318,8 @@ def test_prompts_waiting_together_prefill_in_one_call_and_equal_each_alone(model
     ]
     outputs = run(engine, prompts, requests, start=True)
     engine.shutdown()
-    alone = Sampler(CONFIG, *model, num_slots=1).complete(prompts, requests)
+    alone = complete(Sampler(CONFIG, *model, num_slots=1), prompts, requests)
     for got, want in zip(outputs, alone, strict=True):
         assert tokens_of(got) == want.token_ids
-    warm_up = len(calls) - 1  # Warm-up compiles extend_rows once per length bucket.
-    assert [slot for slot, _, _ in calls[-1]] == [0, 1, 2, 3] and warm_up >= 1
+    together = [[slot for slot, _, _ in rows] for rows in calls if len(rows) > 1]
+    assert together == [[0, 1, 2, 3]]  # The fifth waited for a slot, then went alone.

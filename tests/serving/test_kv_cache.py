@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from research.model import dot_product_attention
-from research.serving import kv_cache
+from research.serving.core import kv_cache
 from tests.serving.helpers import FAMILIES, full_logits, random_split
 
 
@@ -25,14 +25,16 @@ def test_cached_decode_matches_full_forward_at_every_position(family, num_rows):
     @jax.jit
     def run(params):
         model = nnx.merge(graphdef, params)
-        prefill_logits_btv, prefix = kv_cache.prefill(model, jnp.asarray(tokens_bt[:, :8]))
         cache = kv_cache.init_cache(config, num_rows, max_len)
-        cache = jax.tree.map(lambda c, p: c.at[:, :, : p.shape[2]].set(p), cache, prefix)
+        start = jnp.zeros((num_rows,), jnp.int32)
+        x_btd, cache = kv_cache.extend(model, jnp.asarray(tokens_bt[:, :8]), start, cache)
+        prefill_logits_btv = model.unembed(x_btd)
         positions_b = jnp.asarray(prompt_lengths)
+        writes_b = jnp.ones((num_rows,), bool)
         step_logits = []
         for _ in range(6):
             token_b = jnp.take_along_axis(jnp.asarray(tokens_bt), positions_b[:, None], 1)[:, 0]
-            logits_bv, cache = kv_cache.decode_step(model, token_b, positions_b, cache)
+            logits_bv, cache = kv_cache.decode_step(model, token_b, positions_b, writes_b, cache)
             step_logits.append(logits_bv)
             positions_b = positions_b + 1
         return prefill_logits_btv, jnp.stack(step_logits, 1)
@@ -43,6 +45,55 @@ def test_cached_decode_matches_full_forward_at_every_position(family, num_rows):
         np.testing.assert_allclose(
             steps_bkv[row], expected_btv[row, start : start + 6], rtol=1e-4, atol=1e-4
         )
+
+
+def test_decode_on_the_first_rows_and_keys_equals_the_whole_cache():
+    """A bucket of R < B rows reading L < S keys gives the whole cache's logits and writes
+    only its rows' positions; a row that does not write keeps its cache untouched."""
+    config = FAMILIES["llama"]
+    graphdef, params = random_split(config)
+    rng = np.random.default_rng(4)
+    b, s, r, keys = 4, 32, 2, 8
+    tokens_bt = rng.integers(0, config.vocab_size, (b, 6)).astype(np.int32)
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(graphdef, params)
+        cache = kv_cache.init_cache(config, b, s)
+        _, cache = kv_cache.extend(model, jnp.asarray(tokens_bt), jnp.zeros((b,), jnp.int32), cache)
+        tokens_b, positions_b = jnp.asarray(tokens_bt[:, 5]), jnp.full((b,), 6, jnp.int32)
+        writes_b = jnp.array([True, False, True, True])
+        whole, whole_cache = kv_cache.decode_step(model, tokens_b, positions_b, writes_b, cache)
+        part, part_cache = kv_cache.decode_step(
+            model, tokens_b[:r], positions_b[:r], writes_b[:r], cache, num_keys=keys
+        )
+        return whole, part, whole_cache, part_cache, cache
+
+    whole, part, whole_cache, part_cache, before = run(params)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(whole)[:r], rtol=1e-5, atol=1e-5)
+    k_new, k_part, k_old = (np.asarray(c.keys[0]) for c in (whole_cache, part_cache, before))
+    np.testing.assert_allclose(k_part[0], k_new[0], rtol=1e-6)  # Row 0 wrote position 6.
+    assert not np.allclose(k_part[0, :, 6], k_old[0, :, 6])
+    np.testing.assert_array_equal(k_part[1], k_old[1])  # Row 1 does not write.
+    np.testing.assert_array_equal(k_part[r:], k_old[r:])  # Rows past R are untouched.
+
+
+@pytest.mark.parametrize("block", [4, 5, 64])
+def test_blockwise_attention_equals_causal_attention(block):
+    """Queries at their own positions over cache rows chosen per query row, one key block
+    at a time (including a block shifted back to fit), equal masked attention."""
+    rng = np.random.default_rng(0)
+    c, k, s, h, n, t = 3, 2, 13, 5, 4, 3
+    k_cksh, v_cksh = rng.normal(size=(2, c, k, s, h)).astype(np.float32)
+    q_btnh = rng.normal(size=(2, t, n, h)).astype(np.float32)
+    rows_b = np.array([2, 0], np.int32)
+    positions_bt = np.array([[0, 1, 2], [10, 11, 12]], np.int32)
+    got = kv_cache.blockwise_attention(q_btnh, k_cksh, v_cksh, positions_bt, rows_b, block=block)
+    mask_bts = np.arange(s)[None, None] <= positions_bt[:, :, None]
+    k_bskh = k_cksh[rows_b].transpose(0, 2, 1, 3)
+    v_bskh = v_cksh[rows_b].transpose(0, 2, 1, 3)
+    expected = dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_cache_is_grouped_query_sized():

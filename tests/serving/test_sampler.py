@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from research.errors import UserError
-from research.serving import Sampler, SamplingParams, generate_reference
+from research.serving import Sampler, SamplingParams, complete, generate_reference
 from research.sharding import make_mesh
 from tests.evaluation.helpers import CharTokenizer
 from tests.serving.helpers import FAMILIES, LLAMA, full_logits, random_split
@@ -30,7 +30,7 @@ def gpt2():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_equals_full_forward_argmax(family, request):
     sampler = request.getfixturevalue(family)
-    results = sampler.complete(PROMPTS, SamplingParams(max_new_tokens=9, temperature=0.0))
+    results = complete(sampler, PROMPTS, SamplingParams(max_new_tokens=9, temperature=0.0))
     for prompt, result in zip(PROMPTS, results, strict=True):
         expected = generate_reference(
             sampler.graphdef,
@@ -45,7 +45,7 @@ def test_greedy_equals_full_forward_argmax(family, request):
 
 def test_logprobs_are_the_full_forward_log_softmax(llama):
     prompt = PROMPTS[0]
-    (result,) = llama.complete([prompt], SamplingParams(max_new_tokens=6, num_logprobs=3))
+    (result,) = complete(llama, [prompt], SamplingParams(max_new_tokens=6, num_logprobs=3))
     tokens = np.asarray([prompt + result.token_ids])
     logits_tv = full_logits(llama.graphdef, llama.params, tokens)[0]
     log_softmax_tv = logits_tv - jax.nn.logsumexp(logits_tv, axis=-1, keepdims=True)
@@ -59,7 +59,7 @@ def test_logprobs_are_the_full_forward_log_softmax(llama):
 
 def test_same_seed_same_output_whatever_the_other_slots_do(llama):
     request = SamplingParams(max_new_tokens=12, temperature=1.3, top_p=0.9, seed=7)
-    (alone,) = llama.complete([PROMPTS[0]], request)
+    (alone,) = complete(llama, [PROMPTS[0]], request)
     neighbours = [
         SamplingParams(max_new_tokens=3, temperature=0.0),
         SamplingParams(max_new_tokens=20, temperature=2.0, top_k=3, repetition_penalty=1.5),
@@ -69,32 +69,34 @@ def test_same_seed_same_output_whatever_the_other_slots_do(llama):
     # The request lands in the last slot, after neighbours that finish at different times.
     prompts = [PROMPTS[1], PROMPTS[2], [4, 4], PROMPTS[0], PROMPTS[0], [9]]
     requests = [neighbours[0], neighbours[1], neighbours[2], request, neighbours[3], request]
-    results = llama.complete(prompts, requests)
+    results = complete(llama, prompts, requests)
     assert results[3].token_ids == alone.token_ids
     assert results[5].token_ids != alone.token_ids  # Another prompt, another sample.
     np.testing.assert_allclose(results[3].logprobs, alone.logprobs, atol=1e-5)
-    other_seed = llama.complete([PROMPTS[0]], SamplingParams(**{**vars(request), "seed": 8}))
+    other_seed = complete(llama, [PROMPTS[0]], SamplingParams(**{**vars(request), "seed": 8}))
     assert other_seed[0].token_ids != alone.token_ids
 
 
 def test_top_k_one_is_greedy(llama):
-    greedy = llama.complete(PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0))
-    top1 = llama.complete(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1))
+    greedy = complete(llama, PROMPTS, SamplingParams(max_new_tokens=8, temperature=0.0))
+    top1 = complete(llama, PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1))
     assert [r.token_ids for r in top1] == [r.token_ids for r in greedy]
 
 
 def test_stop_token_and_capacity(llama):
-    (greedy,) = llama.complete([PROMPTS[0]], SamplingParams(max_new_tokens=8, temperature=0.0))
+    (greedy,) = complete(llama, [PROMPTS[0]], SamplingParams(max_new_tokens=8, temperature=0.0))
     stop = greedy.token_ids[3]
     first = greedy.token_ids.index(stop)
-    (stopped,) = llama.complete(
-        [PROMPTS[0]], SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=(stop,))
+    (stopped,) = complete(
+        llama,
+        [PROMPTS[0]],
+        SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=(stop,)),
     )
     assert stopped.token_ids == greedy.token_ids[: first + 1]
     assert stopped.finish_reason == "stop"
     # A prompt of max_len - 1 tokens has room for exactly one new token.
     long_prompt = [1] * (LLAMA.max_seq_len - 1)
-    (full,) = llama.complete([long_prompt], SamplingParams(max_new_tokens=8, temperature=0.0))
+    (full,) = complete(llama, [long_prompt], SamplingParams(max_new_tokens=8, temperature=0.0))
     assert len(full.token_ids) == 1 and full.finish_reason == "length"
 
 
@@ -102,11 +104,12 @@ def test_stop_strings_end_the_text_exactly(llama):
     tokenizer = CharTokenizer()
     prompt = [tokenizer.bos_id, *tokenizer.encode("the king")]
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
-    (full,) = llama.complete([prompt], greedy, tokenizer=tokenizer)
+    (full,) = complete(llama, [prompt], greedy, tokenizer=tokenizer)
     assert full.text == tokenizer.decode(full.token_ids) and len(full.text) >= 8
     stop = full.text[5:7]
     streamed = []
-    (cut,) = llama.complete(
+    (cut,) = complete(
+        llama,
         [prompt],
         SamplingParams(max_new_tokens=12, temperature=0.0, stop_strings=(stop,)),
         tokenizer=tokenizer,
@@ -122,15 +125,17 @@ def test_stop_strings_end_the_text_exactly(llama):
 
 def test_frequency_penalty_forbids_repeats(llama):
     request = SamplingParams(max_new_tokens=20, temperature=0.0, frequency_penalty=1e4)
-    (result,) = llama.complete([PROMPTS[0]], request)
+    (result,) = complete(llama, [PROMPTS[0]], request)
     assert len(set(result.token_ids)) == len(result.token_ids) == 20
 
 
 def test_prompt_lengths_share_a_compiled_prefill(llama):
-    before = llama._prefill._cache_size()
+    state = llama.init_state()
+    state, _ = llama.extend(state, [(0, [1, 2], 0)])
+    before = llama._extend._cache_size()
     for length in (3, 5, 9, 16):  # all in the 16 bucket
-        llama.prefill([[1] * length])
-    assert llama._prefill._cache_size() - before <= 1
+        state, _ = llama.extend(state, [(0, [1] * length, 0)])
+    assert llama._extend._cache_size() == before
 
 
 def test_sharded_mesh_gives_the_single_device_tokens(llama):
@@ -139,10 +144,10 @@ def test_sharded_mesh_gives_the_single_device_tokens(llama):
         SamplingParams(max_new_tokens=7, temperature=0.0),
         SamplingParams(max_new_tokens=7, temperature=1.0, top_k=5, seed=3),
     ]
-    expected = llama.complete(PROMPTS[:2], requests)
+    expected = complete(llama, PROMPTS[:2], requests)
     mesh = make_mesh(mesh_shape, devices=jax.devices()[: np.prod(mesh_shape)])
     sharded = Sampler(LLAMA, llama.graphdef, llama.params, num_slots=4, mesh=mesh)
-    results = sharded.complete(PROMPTS[:2], requests)
+    results = complete(sharded, PROMPTS[:2], requests)
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]
     state = sharded.init_state()
     assert "tensor" in str(state.cache.keys[0].sharding.spec)
@@ -152,7 +157,7 @@ def test_sharded_mesh_gives_the_single_device_tokens(llama):
     "prompt, params, field",
     [
         ([], SamplingParams(), "prompt is empty"),
-        ([1] * LLAMA.max_seq_len, SamplingParams(), "shorten the prompt"),
+        ([1] * LLAMA.max_seq_len, SamplingParams(), "shorten it"),
         ([1, 99], SamplingParams(), "outside [0, 37)"),
         ([1], SamplingParams(max_new_tokens=0), "max_new_tokens"),
         ([1], SamplingParams(temperature=-0.5), "temperature"),
@@ -168,4 +173,4 @@ def test_sharded_mesh_gives_the_single_device_tokens(llama):
 )
 def test_bad_input_is_a_user_error(llama, prompt, params, field):
     with pytest.raises(UserError, match=field.replace("[", r"\[").replace(")", r"\)")):
-        llama.complete([prompt], params)
+        complete(llama, [prompt], params)

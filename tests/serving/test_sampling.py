@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from research.serving import SamplingParams, choose_tokens, slot_params
-from research.serving.sampling import apply_penalties, keep_mask
+from research.serving.core.sampling import apply_penalties, keep_mask
 
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02, 0.0, 0.0, 0.0])
 LOGITS = np.log(np.maximum(PROBS, 1e-30)).astype(np.float32)

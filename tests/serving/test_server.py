@@ -5,12 +5,10 @@ the whole module; apps with other settings (API keys, rate limits, body limit) w
 engine, each on its own uvicorn thread on 127.0.0.1. One test runs `launch.serve` itself.
 """
 
-import contextlib
 import json
 import re
 import signal
 import socket
-import threading
 import time
 
 import httpx2
@@ -19,14 +17,12 @@ import numpy as np
 import openai
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings, strategies
 
 from research.checkpoint import load_model, save_hf
-from research.serving.chat import read_chat_template
-from research.serving.complete import encode_prompt
 from research.serving.engine import Engine, EngineConfig
-from research.serving.server import create_app
+from research.serving.http.chat import read_chat_template
+from research.serving.http.server import create_app
 from tests.serving import server_fixtures
 from tests.serving.helpers import full_logits
 
@@ -92,26 +88,8 @@ def tokenizer(loaded):
     return loaded.tokenizer
 
 
-@contextlib.contextmanager
-def serving(app):
-    """Runs `app` with uvicorn on a thread on a free 127.0.0.1 port; yields its base URL."""
-    port = server_fixtures.free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def make_client(url: str, api_key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120)
+serving = server_fixtures.serving
+make_client = server_fixtures.make_client
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +173,7 @@ def test_models_health_ready_metrics_and_openapi(client, url, engine):
 
 
 def test_completion_logprobs_and_echo_are_the_models_own(client, loaded, tokenizer):
-    prompt_ids = encode_prompt(tokenizer, "ROMEO: But soft, what light")
+    prompt_ids = tokenizer.encode_prompt("ROMEO: But soft, what light")
     response = greedy(
         client,
         prompt_ids,
@@ -327,7 +305,7 @@ def test_several_prompts_and_token_prompts(client, tokenizer):
     response = greedy(client, prompts, n=2, max_tokens=6)
     alone = [greedy(client, p, max_tokens=6).choices[0].text for p in prompts]
     assert [c.text for c in response.choices] == [alone[0], alone[0], alone[1], alone[1]]
-    token_prompts = [encode_prompt(tokenizer, p) for p in prompts]
+    token_prompts = [tokenizer.encode_prompt(p) for p in prompts]
     by_ids = greedy(client, token_prompts, max_tokens=6)
     assert [c.text for c in by_ids.choices] == alone
     assert by_ids.usage.prompt_tokens == sum(len(p) for p in token_prompts)
@@ -342,10 +320,13 @@ def test_usage_counts_are_exact(client, tokenizer):
     assert usage.prompt_tokens == 1 + len(tokenizer.encode(prompt))  # bos + the text
     assert usage.completion_tokens == 7 and response.choices[0].finish_reason == "length"
     assert usage.total_tokens == usage.prompt_tokens + 7
-    # max_tokens past the context is clamped to the room left: the slot is full at 128.
-    room = greedy(client, prompt, max_tokens=1000, extra_body={"ignore_eos": True})
-    assert room.usage.completion_tokens == 128 - usage.prompt_tokens
-    assert room.choices[0].finish_reason == "length"
+    # max_tokens may use exactly the room left (the slot is full at 128); past it, a 400.
+    room = 128 - usage.prompt_tokens
+    full = greedy(client, prompt, max_tokens=room, extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == room and full.choices[0].finish_reason == "length"
+    error = _error(lambda: greedy(client, prompt, max_tokens=room + 1))
+    assert error.status_code == 400 and error.body["param"] == "max_tokens"
+    assert error.code == "context_length_exceeded" and str(room) in error.body["message"]
 
 
 def test_stop_sequences(client):

@@ -8,6 +8,9 @@ are copied into its slot's cache rows and only the rest of the prompt is prefill
 (`Sampler.extend` from the first unmatched position). After a prompt is prefilled, its full
 blocks that are not yet pooled are copied out of the slot.
 
+Tenants are kept apart: the first block of a chain hangs under the request's owner (the API
+key's tenant), so `cached_tokens` can never reveal that another key sent a prompt.
+
 The pool is a copy, not shared pages: a slot owns its whole cache row, so eviction never has
 to wait for a running request. Eviction is least-recently-used; a lookup refreshes a chain
 from its deepest block to its first, so a chain's leaves are evicted before its roots (a
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.serving import kv_cache
+from research.serving.core import kv_cache
 
 
 @dataclasses.dataclass
@@ -92,11 +95,12 @@ class PrefixCache:
     def _blocks(self, tokens: Sequence[int], count: int) -> list[tuple]:
         return [tuple(tokens[i * self.block : (i + 1) * self.block]) for i in range(count)]
 
-    def match(self, prompt: Sequence[int]) -> list[_Block]:
-        """The pooled blocks that start `prompt`, leaving at least one token to prefill."""
+    def match(self, prompt: Sequence[int], owner: str = "") -> list[_Block]:
+        """The pooled blocks of `owner` that start `prompt`, leaving at least one token to
+        prefill."""
         if not self.enabled:
             return []
-        chain, parent = [], 0
+        chain, parent = [], ("owner", owner)
         for tokens in self._blocks(prompt, (len(prompt) - 1) // self.block):
             found = self._by_key.get((parent, tokens))
             if found is None:
@@ -122,12 +126,12 @@ class PrefixCache:
                 return victim.index
         return None
 
-    def plan_store(self, prompt: Sequence[int]) -> list[tuple[int, int]]:
-        """Registers the full blocks of `prompt` that are not pooled yet; returns
-        (block number in the prompt, pool index) of those to copy out of the slot."""
+    def plan_store(self, prompt: Sequence[int], owner: str = "") -> list[tuple[int, int]]:
+        """Registers the full blocks of `prompt` (under `owner`) that are not pooled yet;
+        returns (block number in the prompt, pool index) of those to copy out of the slot."""
         if not self.enabled:
             return []
-        copies, chain, parent = [], [], 0
+        copies, chain, parent = [], [], ("owner", owner)
         for number, tokens in enumerate(self._blocks(prompt, len(prompt) // self.block)):
             key = (parent, tokens)
             found = self._by_key.get(key)

@@ -26,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.errors import UserError
+from research.errors import RequestError
 
 # Top-k / top-p thresholds come from the CANDIDATES largest logits of a row when they settle
 # it (lax.top_k: ~0.15 ms for 8 x 8192 on CPU, a full sort ~9 ms); the rare rest (k larger,
 # or a nucleus wider than this) bisects over float values instead.
 CANDIDATES = 64
 _UINT32_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,42 +66,62 @@ class SamplingParams:
     num_logprobs: int = 0
 
     def check(self, *, vocab_size: int, max_stop_tokens: int, max_logprobs: int) -> None:
-        """Raises UserError naming the first bad field and how to fix it."""
+        """Raises RequestError naming the first bad field and its valid range.
+
+        These are the sampler's own limits: every value fits its int32 / float32 array and
+        keeps the arithmetic finite. The HTTP server checks OpenAI's narrower ranges first.
+        """
         checks = (
-            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0 (0 means greedy)"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 keeps every token)"),
+            ("max_new_tokens", _is_int(self.max_new_tokens, 1, INT32_MAX),
+             f"must be an integer in [1, {INT32_MAX}]"),
+            ("temperature", self.temperature == 0 or _in(self.temperature, 1e-4, 1e4),
+             "must be 0 (greedy) or in [1e-4, 1e4]"),
+            ("top_k", _is_int(self.top_k, 0, INT32_MAX),
+             f"must be an integer in [0, {INT32_MAX}] (0 keeps every token)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 turns it off)"),
             ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 turns it off)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 turns it off)"),
-            ("seed", 0 <= self.seed <= _UINT32_MAX, f"must be in [0, {_UINT32_MAX}]"),
-            ("num_logprobs", 0 <= self.num_logprobs <= max_logprobs, f"must be in [0, "
+            ("repetition_penalty", _in(self.repetition_penalty, 1e-4, 1e4),
+             "must be in [1e-4, 1e4] (1 turns it off)"),
+            ("presence_penalty", _in(self.presence_penalty, -1e4, 1e4), "must be in [-1e4, 1e4]"),
+            ("frequency_penalty", _in(self.frequency_penalty, -1e4, 1e4),
+             "must be in [-1e4, 1e4]"),
+            ("seed", _is_int(self.seed, 0, _UINT32_MAX),
+             f"must be an integer in [0, {_UINT32_MAX}]"),
+            ("num_logprobs", _is_int(self.num_logprobs, 0, max_logprobs), f"must be in [0, "
              f"{max_logprobs}] (the sampler's num_top_logprobs)"),
         )  # fmt: skip
         for name, ok, rule in checks:
             if not ok:
-                raise UserError(f"sampling.{name}={getattr(self, name)!r} {rule}.")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            if not np.isfinite(getattr(self, name)):
-                raise UserError(f"sampling.{name}={getattr(self, name)!r} must be finite.")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not np.isfinite(getattr(self, name)):
-                raise UserError(f"sampling.{name}={getattr(self, name)!r} must be finite.")
-        unknown = [t for t in self.stop_token_ids if not 0 <= int(t) < vocab_size]
+                raise RequestError(name, getattr(self, name), rule)
+        unknown = [t for t in self.stop_token_ids if not _is_int(t, 0, vocab_size - 1)]
         if unknown:
-            raise UserError(
-                f"sampling.stop_token_ids has unknown token ids {unknown}; ids must be in "
-                f"[0, {vocab_size}) (the model's vocabulary)."
+            raise RequestError(
+                "stop_token_ids",
+                unknown,
+                f"must be token ids in [0, {vocab_size}) (the vocabulary)",
             )
         if len(set(self.stop_token_ids)) > max_stop_tokens:
-            raise UserError(
-                f"sampling.stop_token_ids has {len(set(self.stop_token_ids))} ids; at most "
-                f"{max_stop_tokens} fit (raise the sampler's max_stop_tokens)."
+            raise RequestError(
+                "stop_token_ids",
+                self.stop_token_ids,
+                f"holds {len(set(self.stop_token_ids))} ids; at most {max_stop_tokens} fit (the "
+                "sampler's max_stop_tokens)",
             )
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise UserError(
-                f"sampling.stop_strings={self.stop_strings!r} must be non-empty strings."
-            )
+            raise RequestError("stop_strings", self.stop_strings, "must be non-empty strings")
+
+
+def _in(value, low: float, high: float) -> bool:
+    """A finite number in [low, high] (NaN and infinities fail every comparison here)."""
+    return isinstance(value, (int, float, np.number)) and bool(low <= value <= high)
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return (
+        isinstance(value, (int, np.integer))
+        and not isinstance(value, bool)
+        and low <= value <= high
+    )
 
 
 @flax.struct.dataclass

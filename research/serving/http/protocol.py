@@ -1,20 +1,58 @@
 """The OpenAI wire format: request models, error objects and response pieces.
 
+Every field is validated here, once, at the edge, before anything reaches the engine:
+OpenAI's ranges where OpenAI defines them (temperature [0, 2], top_p (0, 1], presence and
+frequency penalties [-2, 2], logprobs and top_logprobs <= 20), and documented bounds
+elsewhere (BOUNDS below): every integer fits the engine's int32 arrays, every float is
+finite, every string is valid UTF-8 (no lone surrogates). A value out of range is a 400
+naming the field (`validation_error`).
+
 Requests are pydantic models with `extra="allow"`: fields of other servers (`best_of`,
 `guided_json`, ...) are accepted and ignored, except the vLLM extensions honoured here
 (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `return_tokens_as_token_ids`). `model`
-may be left out (the served model, as in vLLM). Ranges follow the OpenAI API reference; a
-value out of range is a 400 naming the field (see `validation_error`).
+may be left out (the served model, as in vLLM).
 """
 
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from research.errors import RequestError
+
+INT32 = 2**31 - 1
 INT64 = 2**63 - 1
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# The documented bounds of fields OpenAI leaves open (README "Serving: bad input").
+BOUNDS = {
+    "top_k": (-1, INT32),  # -1 or 0 = all; past the vocabulary = all.
+    "n": (1, 128),  # Choices per prompt.
+    "prompts": 256,  # Prompts in one completions request (and prompts x n choices).
+    "seed": (-INT64 - 1, INT64),  # Reduced modulo 2**32.
+    "repetition_penalty": (0.01, 10.0),
+    "min_p": (0.0, 1.0),
+    "stop": 16,  # Stop strings per request.
+    "stop_length": 256,  # Characters per stop string.
+    "messages": 1024,  # Chat messages per request.
+    "max_tokens": (0, INT32),  # Then at most the context left (a 400 past it).
+}
+
+
+def _utf8(text: str) -> str:
+    """Text that encodes as UTF-8: JSON escapes can carry lone surrogates ("\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"is not valid UTF-8 text (a lone surrogate at character {error.start}); send "
+            "real characters"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32)]], Field(min_length=1)]
+StopText = Annotated[Text, Field(min_length=1, max_length=BOUNDS["stop_length"])]
 
 
 class StreamOptions(BaseModel):
@@ -27,54 +65,66 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    model: str | None = Field(None, description="The served model's id (GET /v1/models).")
-    temperature: float = Field(1.0, ge=0, description="0 = greedy.")
+    model: Text | None = Field(None, description="The served model's id (GET /v1/models).")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1, description="Keep the k most likely tokens; 0 or -1 = all.")
-    min_p: float = Field(0.0, ge=0, lt=1)
-    n: int = Field(1, ge=1, le=128)
-    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
-    stop: str | list[str] | None = None
+    top_k: int = Field(
+        0, ge=BOUNDS["top_k"][0], le=BOUNDS["top_k"][1], description="0 or -1 = all tokens."
+    )
+    min_p: float = Field(0.0, ge=0, lt=BOUNDS["min_p"][1])
+    n: int = Field(1, ge=BOUNDS["n"][0], le=BOUNDS["n"][1])
+    seed: int | None = Field(None, ge=BOUNDS["seed"][0], le=BOUNDS["seed"][1])
+    stop: StopText | Annotated[list[StopText], Field(max_length=BOUNDS["stop"])] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0, description="vLLM extension; 1 = off.")
+    repetition_penalty: float = Field(
+        1.0,
+        ge=BOUNDS["repetition_penalty"][0],
+        le=BOUNDS["repetition_penalty"][1],
+        description="vLLM extension; 1 = off.",
+    )
     ignore_eos: bool = Field(False, description="vLLM extension: do not stop at eos.")
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     return_tokens_as_token_ids: bool = Field(
         False, description="vLLM extension: logprob tokens as 'token_id:<id>' strings."
     )
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | list[TokenIds] = Field(
-        description="Text, texts, token ids, or lists of token ids (one choice set each)."
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=BOUNDS["prompts"])]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(max_length=BOUNDS["prompts"])]
+    ) = Field(description="Text, texts, token ids, or lists of token ids (one choice set each).")
+    max_tokens: int | None = Field(
+        16, ge=0, le=INT32, description="0 only with echo (prompt scoring)."
     )
-    max_tokens: int | None = Field(16, ge=0, description="0 only with echo (prompt scoring).")
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
 
 class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=BOUNDS["messages"])
+    max_tokens: int | None = Field(None, ge=1, le=INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
@@ -118,32 +168,56 @@ def error_body(status: int, message: str, *, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def validation_error(errors: list[dict]) -> APIError:
-    """A 400 from pydantic / FastAPI validation errors, naming the first bad field."""
+# Sampler / engine field names -> the request parameter a client sent.
+API_FIELDS = {
+    "max_new_tokens": "max_tokens",
+    "num_logprobs": "logprobs",
+    "prompt_logprobs": "logprobs",
+    "stop_strings": "stop",
+    "stop_token_ids": "stop",
+}
+
+
+def request_error_body(error: RequestError) -> dict:
+    """The 400 body of a RequestError: the one place a bad field becomes a response."""
+    param = API_FIELDS.get(error.field, error.field)
+    message = f"'{param}' {error.rule}"
+    if error.value is not None:
+        message += f" (got {_short(error.value)})"
+    return error_body(400, message + ".", param=param, code=getattr(error, "code", None))
+
+
+def validation_error(errors: list[dict]) -> RequestError:
+    """The RequestError of pydantic / FastAPI validation errors: the first bad field."""
     if not errors:
-        return APIError(400, "invalid request body.")
+        return RequestError("body", None, "is not a valid request")
     first = errors[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid" or not location:
         detail = first.get("msg", "")
-        return APIError(
-            400,
-            f"the request body is not a valid JSON object ({detail}); send "
-            "Content-Type: application/json with an object such as "
-            '{"model": ..., "prompt": "Hello"}.',
+        return RequestError(
+            "body",
+            None,
+            f"is not a valid JSON object ({detail}); send Content-Type: application/json with "
+            'an object such as {"model": ..., "prompt": "Hello"}',
         )
     field = location[0]
     if field in _EXPECTED:
         same = [e for e in errors if [str(p) for p in e.get("loc", ())][1:2] == [field]]
         if first.get("type") == "missing":
-            message = f"'{field}' is required: {_EXPECTED[field]}."
-        else:
-            message = f"'{field}' must be {_EXPECTED[field]}; got {_short(same[0].get('input'))}."
-        return APIError(400, message, param=field, code="invalid_value")
-    message = f"'{_path(location)}': {first.get('msg', 'invalid value')}"
-    if first.get("type") != "missing":
-        message += f" (got {_short(first.get('input'))})"
-    return APIError(400, message + ".", param=field, code="invalid_value")
+            return RequestError(field, None, f"is required: {_EXPECTED[field]}")
+        detail = [e for e in same if "UTF-8" in str(e.get("msg", ""))]
+        if detail:  # A lone surrogate deep inside: say so, not "must be a string".
+            path = _path([str(p) for p in detail[0].get("loc", ()) if p != "body"])
+            return RequestError(field, None, f"{path} {detail[0]['msg'].split(', ', 1)[-1]}")
+        return RequestError(field, same[0].get("input"), f"must be {_EXPECTED[field]}")
+    rule = first.get("msg", "invalid value")
+    rule = rule.split(", ", 1)[1] if rule.startswith("Value error, ") else rule
+    path = _path(location)
+    if path != field:
+        rule = f"{path}: {rule}"
+    value = None if first.get("type") == "missing" else first.get("input")
+    return RequestError(field, value, rule[:1].lower() + rule[1:])
 
 
 def _path(location: list[str]) -> str:

@@ -13,7 +13,7 @@ import json
 
 from fastapi.responses import StreamingResponse
 
-from research.serving import protocol
+from research.serving.http import protocol
 
 
 class Choice:
@@ -24,6 +24,7 @@ class Choice:
         self.request_id = request_id
         self.text, self.token_ids, self.logprobs, self.top_logprobs = [], [], [], []
         self.finish_reason = None
+        self.error = None  # With finish_reason "error": the server's message.
         self.cached_tokens = self.completion_tokens = 0
         self.prompt_logprobs = self.prompt_top_logprobs = None
         self.started = False  # Streaming: the choice's first chunk (echo) was sent.
@@ -39,6 +40,7 @@ class Choice:
             self.prompt_logprobs = output.prompt_logprobs
             self.prompt_top_logprobs = output.prompt_top_logprobs
         self.finish_reason = output.finish_reason
+        self.error = output.error
 
 
 class Job:

@@ -4,7 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)      # launch/serve.py does this
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health
-(always 200), GET /ready (503 until the engine has compiled and warmed up; both need no key),
+(liveness: 200 unless the engine failed: died, or a device call hung past serve.watchdog_s),
+GET /ready (readiness: 200 once the engine has compiled and warmed up, 503 before and after a
+failure; both need no key),
 GET /metrics (Prometheus text: the engine's vLLM-named metrics and cirrus:http_requests_total),
 GET /openapi.json. The wire format (requests, errors, logprobs) is in protocol.py, the two
 generation endpoints in endpoints.py, the engine <-> event loop bridge in jobs.py.
@@ -12,8 +14,14 @@ generation endpoints in endpoints.py, the engine <-> event loop bridge in jobs.p
 Streaming answers are Server-Sent Events, `data: {chunk}` ... `data: [DONE]`; the text of
 the chunks joined is the text of the non-streamed answer. A client that disconnects cancels
 its engine requests, which frees their slots. Errors are the OpenAI error object: 400 (the
-field named), 401 (API key), 404 (model or path), 413 (body too large), 429 (queue full or a
-per-key rate limit, with Retry-After), 503 (not ready), and the server keeps serving.
+field named: every RequestError, from validation or the engine, becomes one here), 401 (API
+key), 404 (model or path), 413 (body too large), 429 (queue full, this key's share of it, or
+a per-key rate limit, with Retry-After), 500 (the server failed on this request alone), 503
+(not ready, or the engine failed), and the server keeps serving the next request.
+
+With API keys, each key is a tenant: its prompts' cached prefixes are its own (another key's
+`cached_tokens` never reveals them) and it holds at most serve.max_waiting_share of the
+queue.
 
 Rate limits are per API key (per client address when no keys are set), over a sliding minute:
 requests, and tokens = prompt tokens + the most tokens a request may generate (settled to the
@@ -21,6 +29,7 @@ tokens actually used when it ends). Prompts and outputs are logged only with log
 """
 
 import collections
+import hashlib
 import hmac
 import json
 import logging
@@ -33,11 +42,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from research.errors import UserError
-from research.serving import protocol
-from research.serving.chat import ChatTemplate
-from research.serving.endpoints import Endpoints, not_ready
-from research.serving.protocol import APIError, ChatRequest, CompletionRequest
+from research.errors import RequestError, UserError
+from research.serving.http import protocol
+from research.serving.http.chat import ChatTemplate
+from research.serving.http.endpoints import Endpoints, not_ready
+from research.serving.http.protocol import APIError, ChatRequest, CompletionRequest
 
 logger = logging.getLogger("cirrus.serve")
 
@@ -99,10 +108,14 @@ def create_app(
     async def _api_error(request, error: APIError):
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
+    @app.exception_handler(RequestError)
+    async def _bad_field(request, error: RequestError):
+        return JSONResponse(protocol.request_error_body(error), status_code=400)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, error: RequestValidationError):
         error = protocol.validation_error(list(error.errors()))
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(protocol.request_error_body(error), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, error: HTTPException):
@@ -123,15 +136,21 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        """Liveness: 200 while the process serves HTTP."""
+        """Liveness: 200 unless the engine failed (then 503: restart the replica)."""
+        if not engine.alive:
+            raise APIError(503, f"{engine.error}; restart the server.", code="engine_failed")
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready():
-        """Readiness: 200 once the engine has compiled and warmed up, 503 before."""
+        """Readiness: 200 once the engine has compiled and warmed up, 503 before (and after
+        a failure). Smaller decode buckets keep compiling in the background after it (the
+        largest one serves any request meanwhile): `decode_buckets_compiled` says how many."""
         if not engine.ready:
             raise not_ready(engine)
-        return {"status": "ready"}
+        stats = engine.stats()
+        compiled = f"{stats.get('decode_buckets_compiled', 0)}/{stats.get('decode_buckets', 0)}"
+        return {"status": "ready", "decode_buckets_compiled": compiled}
 
     @app.get("/metrics")
     async def metrics():
@@ -273,7 +292,11 @@ class _Gate:
                     ),
                 )
         client = scope.get("client") or ("unknown", 0)
-        scope.setdefault("state", {})["rate_key"] = key or f"address:{client[0]}"
+        state = scope.setdefault("state", {})
+        state["rate_key"] = key or f"address:{client[0]}"
+        # The key's tenant: its prefix-cache namespace and queue share (a digest: the key
+        # itself is never kept or logged).
+        state["tenant"] = hashlib.sha256(key.encode()).hexdigest()[:16] if key else ""
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, counted_send)
         too_large = APIError(

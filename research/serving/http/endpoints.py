@@ -2,11 +2,17 @@
 
 A request becomes prompts x n engine requests (choice index = prompt_index * n + j), each
 with its own SamplingParams: choice j samples with seed + j (a random base seed when none is
-given), max_tokens is clamped to the room left in the context (finish_reason "length"), and
-generation stops at eos (chat: also at the template's end-of-turn token) unless ignore_eos.
-Text prompts get bos first, as Cirrus training documents do; token id prompts are used as
-they are; chat prompts are the rendered template (chat.py). `usage` counts each prompt once
-(as OpenAI does), every generated token, and the prompt tokens served from the prefix cache.
+given); max_tokens past the room left in the context is a 400 (as vLLM answers), an absent
+max_tokens (chat) is that room; generation stops at eos (chat: also at the template's
+end-of-turn token) unless ignore_eos. Text prompts get the tokenizer's own special tokens
+(`Tokenizer.encode_prompt`: bos only where the tokenizer adds it, as transformers and vLLM
+do); token id prompts are used as they are; chat prompts are the rendered template
+(chat.py). `usage` counts each prompt once (as OpenAI does), every generated token, and the
+prompt tokens served from the prefix cache (per API key: prompts of other keys never count).
+
+Errors: a bad field is a RequestError (400, mapped in server.py); an engine that fails one
+request answers 500 (streaming: an error event, then [DONE]); an engine that failed as a
+whole answers 503, so a load balancer sends the request to another replica.
 """
 
 import asyncio
@@ -17,25 +23,17 @@ import secrets
 from fastapi import Request
 from fastapi.responses import Response
 
-from research.errors import UserError
-from research.serving import protocol
-from research.serving.chat import ChatTemplate
-from research.serving.complete import encode_prompt
-from research.serving.engine import EngineClosed, QueueFull
-from research.serving.jobs import DONE, Choice, EventStream, Job, sse
-from research.serving.protocol import APIError, ChatRequest, CompletionRequest
-from research.serving.sampling import SamplingParams
+from research.errors import RequestError
+from research.serving.core.sampling import SamplingParams
+from research.serving.engine.engine import EngineClosed, QueueFull
+from research.serving.http import protocol
+from research.serving.http.chat import ChatTemplate
+from research.serving.http.jobs import DONE, Choice, EventStream, Job, sse
+from research.serving.http.protocol import APIError, ChatRequest, CompletionRequest
 
 logger = logging.getLogger("cirrus.serve")
 
 _SEED_RANGE = 2**32
-# Engine field names in its UserError messages -> the request field the user sent.
-_ENGINE_FIELDS = {
-    "max_new_tokens": "max_tokens",
-    "num_logprobs": "logprobs",
-    "stop_strings": "stop",
-    "stop_token_ids": "stop",
-}
 
 
 def not_ready(engine) -> APIError:
@@ -80,29 +78,47 @@ class Endpoints:
         if not self.engine.ready:
             raise not_ready(self.engine)
         if body.logit_bias:
-            raise APIError(400, "'logit_bias' is not supported; leave it out.", param="logit_bias")
+            raise RequestError("logit_bias", None, "is not supported; leave it out")
+        if body.stream_options is not None and not body.stream:
+            raise RequestError("stream_options", None, "is only allowed with stream: true")
 
     def _check_prompt(self, prompt_ids: list[int], param: str) -> None:
         if not prompt_ids:
-            raise APIError(400, f"'{param}' has no tokens; send some text.", param=param)
+            raise RequestError(param, None, "has no tokens; send some text")
         if len(prompt_ids) >= self.engine.max_len:
-            raise APIError(
-                400,
-                f"this model's maximum context length is {self.engine.max_len} tokens, but the "
-                f"{param} has {len(prompt_ids)} tokens (plus at least 1 to generate); shorten "
-                f"it to at most {self.engine.max_len - 1} tokens.",
-                param=param,
+            raise RequestError(
+                param,
+                None,
+                f"has {len(prompt_ids)} tokens, but this model's maximum context length is "
+                f"{self.engine.max_len} tokens (prompt plus at least 1 to generate); shorten "
+                f"it to at most {self.engine.max_len - 1} tokens",
                 code="context_length_exceeded",
             )
 
-    def _sampling(self, body, room: int, max_tokens, num_logprobs, stop_token_ids, seed):
+    def _max_new_tokens(self, max_tokens: int | None, prompt_ids: list[int], param: str) -> int:
+        """The tokens to generate: max_tokens, or all the room left when it is absent; past
+        the room, a 400 (vLLM's answer), not a request that runs for minutes."""
+        room = self.engine.max_len - len(prompt_ids)
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise RequestError(
+                param,
+                max_tokens,
+                f"is more than the context leaves: this model's maximum context length is "
+                f"{self.engine.max_len} tokens and the prompt has {len(prompt_ids)}, so at most "
+                f"{room} can be generated; lower {param} or shorten the prompt",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    def _sampling(self, body, max_new_tokens: int, num_logprobs, stop_token_ids, seed):
         stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        if any(not s for s in stops):
-            raise APIError(400, "'stop' must not contain empty strings.", param="stop")
+        vocab = self.engine.model_config.vocab_size
         return SamplingParams(
-            max_new_tokens=min(max_tokens or room, room),
+            max_new_tokens=max_new_tokens,
             temperature=body.temperature,
-            top_k=max(body.top_k, 0),
+            top_k=body.top_k if 0 < body.top_k < vocab else 0,
             top_p=body.top_p,
             min_p=body.min_p,
             repetition_penalty=body.repetition_penalty,
@@ -121,6 +137,7 @@ class Endpoints:
         body,
         *,
         max_tokens,
+        max_tokens_param: str,
         num_logprobs: int,
         stop_token_ids: tuple[int, ...],
         param: str,
@@ -130,26 +147,32 @@ class Endpoints:
         """Validates, admits (rate limit) and submits prompts x n engine requests."""
         for prompt_ids in prompts:
             self._check_prompt(prompt_ids, param)
-        # Every choice enters the engine's queue at once, so more than max_waiting can never
-        # be accepted together: a 400, not a 429 that no retry could pass.
-        capacity = self.engine.config.max_waiting
+        # Every choice enters the engine's queue at once, so more than the queue (or this
+        # key's share of it) can never be accepted together: a 400, not a 429 that no retry
+        # could pass.
+        config = self.engine.config
+        owner = request.scope["state"].get("tenant", "")
+        capacity = min(config.max_waiting, protocol.BOUNDS["prompts"])
+        if owner:
+            capacity = min(capacity, config.max_waiting_per_owner)
         if body.n * len(prompts) > capacity:
-            raise APIError(
-                400,
-                f"n x prompts = {body.n * len(prompts)} requests, but this server queues at "
-                f"most {capacity} at once (serve.max_waiting); lower 'n' or send fewer prompts.",
-                param="n",
+            raise RequestError(
+                "n",
+                body.n,
+                f"makes n x prompts = {body.n * len(prompts)} requests, but this server queues "
+                f"at most {capacity} of one request at once (serve.max_waiting, per API key "
+                "serve.max_waiting_share); lower n or send fewer prompts",
             )
         seed = body.seed if body.seed is not None else secrets.randbits(32)
         prefix = protocol.new_id("req")
         choices, params = [], []
         for prompt_index, prompt_ids in enumerate(prompts):
-            room = self.engine.max_len - len(prompt_ids)
+            new_tokens = self._max_new_tokens(max_tokens, prompt_ids, max_tokens_param)
             for j in range(body.n):
                 index = len(choices)
                 choices.append(Choice(index, prompt_index, prompt_ids, f"{prefix}-{index}"))
                 params.append(
-                    self._sampling(body, room, max_tokens, num_logprobs, stop_token_ids, seed + j)
+                    self._sampling(body, new_tokens, num_logprobs, stop_token_ids, seed + j)
                 )
         reserved = sum(len(p) for p in prompts) + sum(p.max_new_tokens for p in params)
         ticket = self.limiter.admit(request.scope["state"]["rate_key"], reserved)
@@ -164,13 +187,16 @@ class Endpoints:
                     job.on_output(loop, choice.index),
                     prompt_logprobs=prompt_logprobs,
                     request_id=choice.request_id,
+                    owner=owner,
                 )
                 submitted.append(choice.request_id)
-        except (QueueFull, EngineClosed, UserError) as error:
+        except (QueueFull, EngineClosed, RequestError) as error:
             for request_id in submitted:
                 self.engine.cancel(request_id)
             self.limiter.settle(ticket, 0)
-            raise _submit_error(error, param) from None
+            if isinstance(error, RequestError):
+                raise
+            raise _submit_error(error) from None
         return job
 
     def _log(self, job: Job, kind: str, prompt) -> None:
@@ -212,6 +238,10 @@ class Endpoints:
                     yield chunk([{"index": choice.index, "delta": delta, "finish_reason": None}])
             while job.remaining:
                 choice, output = await job.next()
+                if output.finish_reason == "error":  # Headers are sent: an error event.
+                    yield sse({"error": failed_error(self.engine, choice).body()["error"]})
+                    yield DONE
+                    return
                 item = entry(choice, output)
                 if item is not None:
                     yield chunk([item])
@@ -222,13 +252,18 @@ class Endpoints:
 
         return EventStream(events(), job)
 
-    @staticmethod
-    async def _wait(job: Job, request: Request) -> bool:
-        """Waits for every choice; False if the client went away first (the job is closed)."""
+    async def _wait(self, job: Job, request: Request) -> bool:
+        """Waits for every choice; False if the client went away first (the job is closed).
+        A choice that failed on the server raises its error (500, or 503 if the engine
+        failed)."""
         try:
-            return await job.wait_all(request.receive)
+            done = await job.wait_all(request.receive)
         finally:
             job.close()
+        for choice in job.choices:
+            if choice.finish_reason == "error":
+                raise failed_error(self.engine, choice)
+        return done
 
     # ---- /v1/completions ------------------------------------------------------------------
 
@@ -238,21 +273,17 @@ class Endpoints:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
-            raise APIError(
-                400, "'prompt' is an empty list; send at least one prompt.", param="prompt"
-            )
+            raise RequestError("prompt", None, "is an empty list; send at least one prompt")
         vocab = self.engine.model_config.vocab_size
         ids, texts = [], []
         for item in prompt:
             if isinstance(item, str):
-                ids.append(encode_prompt(self.tokenizer, item))
+                ids.append(self.tokenizer.encode_prompt(item))
                 texts.append(item)
                 continue
             if any(not 0 <= t < vocab for t in item):
-                raise APIError(
-                    400,
-                    f"'prompt' has token ids outside [0, {vocab}) (the model's vocabulary).",
-                    param="prompt",
+                raise RequestError(
+                    "prompt", None, f"has token ids outside [0, {vocab}) (the model's vocabulary)"
                 )
             ids.append(list(item))
             texts.append(self.tokenizer.decode(item))
@@ -261,19 +292,17 @@ class Endpoints:
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_common(body)
         if body.suffix:
-            raise APIError(400, "'suffix' is not supported; leave it out.", param="suffix")
+            raise RequestError("suffix", None, "is not supported; leave it out")
         limit = self.engine.config.num_top_logprobs
         if body.logprobs is not None and body.logprobs > limit:
-            raise APIError(
-                400,
-                f"'logprobs' must be at most {limit} on this server (serve.num_top_logprobs).",
-                param="logprobs",
+            raise RequestError(
+                "logprobs",
+                body.logprobs,
+                f"must be at most {limit} on this server (serve.num_top_logprobs)",
             )
         if body.max_tokens == 0 and not body.echo:
-            raise APIError(
-                400,
-                "'max_tokens' must be >= 1 (0 only with echo=true, to score the prompt).",
-                param="max_tokens",
+            raise RequestError(
+                "max_tokens", 0, "must be >= 1 (0 only with echo=true, to score the prompt)"
             )
         prompts, texts = self._completion_prompts(body)
         score_only = body.max_tokens == 0
@@ -283,6 +312,7 @@ class Endpoints:
             prompts,
             body,
             max_tokens=1 if score_only else body.max_tokens,
+            max_tokens_param="max_tokens",
             num_logprobs=body.logprobs or 0,
             prompt_logprobs=body.logprobs if body.echo and want_logprobs else None,
             stop_token_ids=(self.tokenizer.eos_id,),
@@ -383,11 +413,11 @@ class Endpoints:
                 texts = []
                 for j, part in enumerate(content):
                     if part.type != "text" or part.text is None:
-                        raise APIError(
-                            400,
-                            f"'messages[{i}].content[{j}]' has type {part.type!r}; this model "
-                            'reads text only: send {"type": "text", "text": ...} parts.',
-                            param="messages",
+                        raise RequestError(
+                            "messages",
+                            None,
+                            f"[{i}].content[{j}] has type {part.type!r}; this model reads text "
+                            'only: send {"type": "text", "text": ...} parts',
                         )
                     texts.append(part.text)
                 content = "\n".join(texts)
@@ -397,33 +427,32 @@ class Endpoints:
     async def chat_completions(self, body: ChatRequest, request: Request):
         self._check_common(body)
         if body.tools:
-            raise APIError(400, "'tools' are not supported by this server.", param="tools")
+            raise RequestError("tools", None, "are not supported by this server")
         kind = (body.response_format or {}).get("type", "text")
         if kind != "text":
-            raise APIError(
-                400,
-                f"'response_format' type {kind!r} is not supported; only 'text'.",
-                param="response_format",
-            )
+            raise RequestError("response_format", kind, "type is not supported; only 'text'")
         if body.top_logprobs and not body.logprobs:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+            raise RequestError("top_logprobs", body.top_logprobs, "needs 'logprobs': true")
         limit = self.engine.config.num_top_logprobs
         if (body.top_logprobs or 0) > limit:
-            raise APIError(
-                400,
-                f"'top_logprobs' must be at most {limit} on this server (serve.num_top_logprobs).",
-                param="top_logprobs",
+            raise RequestError(
+                "top_logprobs",
+                body.top_logprobs,
+                f"must be at most {limit} on this server (serve.num_top_logprobs)",
             )
         messages = self._chat_messages(body)
         try:
             prompt_ids = self.chat.encode(messages)
         except ValueError as error:
-            raise APIError(400, str(error), param="messages") from None
+            raise RequestError("messages", None, str(error).rstrip(".")) from None
         job = self._start(
             request,
             [prompt_ids],
             body,
             max_tokens=body.max_completion_tokens or body.max_tokens,
+            max_tokens_param=(
+                "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            ),
             num_logprobs=body.top_logprobs or 0,
             stop_token_ids=self.chat.stop_token_ids,
             param="messages",
@@ -481,25 +510,29 @@ class Endpoints:
         )
 
 
-def _submit_error(error: Exception, param: str) -> APIError:
+def _submit_error(error: Exception) -> APIError:
     """The HTTP error for an engine that refused a request."""
     if isinstance(error, QueueFull):
         retry = max(1, math.ceil(error.retry_after_s))
         return APIError(
             429,
-            "the server's request queue is full; retry after Retry-After seconds.",
+            f"{error} The server's request queue is full; retry after Retry-After seconds.",
             code="queue_full",
             headers={"Retry-After": str(retry)},
         )
-    if isinstance(error, EngineClosed):
-        return APIError(
-            503,
-            "the server is shutting down; send the request to another replica or retry later.",
-            code="shutting_down",
-            headers={"Retry-After": "5"},
-        )
-    message = str(error)  # UserError: 'sampling.top_p=... must be ...' or about the prompt.
-    if message.startswith("sampling."):
-        name = message[len("sampling.") :].split("=", 1)[0].split(" ", 1)[0]
-        param = _ENGINE_FIELDS.get(name, name)
-    return APIError(400, message, param=param)
+    return APIError(
+        503,
+        f"the server cannot take requests ({error}); send the request to another replica or "
+        "retry later.",
+        code="unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+def failed_error(engine, choice: Choice) -> APIError:
+    """The error of a choice that ended with finish_reason "error": 503 when the whole
+    engine failed (another replica can serve it), 500 when only this request did."""
+    if not engine.alive:
+        return APIError(503, f"{engine.error}; the replica is restarting, retry.",
+                        code="engine_failed", headers={"Retry-After": "5"})  # fmt: skip
+    return APIError(500, choice.error or "the server failed on this request.", code="server_error")

@@ -1,33 +1,41 @@
-"""The jitted sampler shared by evaluation, `launch.sample` and the server.
+"""The jitted sampler: fixed slots over one model, shared by evaluation, `launch.sample`
+and the server.
 
-A fixed number of slots decode together. A request enters in two jitted calls and then
-advances with every other live slot:
+A fixed number of slots decode together. A prompt enters a slot one way, in two calls, and
+then advances with every other live slot:
 
     sampler = Sampler(model_config, graphdef, params, num_slots=8)
     state = sampler.init_state()
-    prefix = sampler.prefill([prompt_ids])                  # bucketed length, one compile each
-    state = sampler.insert(state, prefix, 0, slot=3, request=SamplingParams(...))
-    state, steps = sampler.generate(state)                 # steps_per_call tokens per live slot
-    state = sampler.release(state, slot=3)                 # e.g. a stop string was seen
+    state, _ = sampler.extend(state, [(3, prompt_ids, 0)])      # prompt -> slot 3's cache
+    state, first = sampler.activate(state, 3, prompt_ids, SamplingParams(...))
+    state, steps = sampler.generate(state, num_rows=4, num_keys=len(prompt_ids) + 16)
+    state = sampler.release(state, 3)                          # e.g. a stop string was seen
 
-Each slot keeps the logits of its next token. A decode step chooses a token from them for
-every live slot, then feeds the chosen tokens through the model (one KV-cache step) to get
-the next logits; insert only copies a prefill's cache and last logits into the slot, so
-token choice is compiled once, inside `generate`. `generate` runs `lax.while_loop` over
-steps (stopping early once no slot is live), so there is no Python per token; the first
-token of a new request comes from the next `generate` call (`num_steps=1` for a fast first
-token, without recompiling). Every slot carries its own SamplingParams as array rows, and
-each slot's random draws come from (its seed, its token index) only: the same request gives
-the same tokens whatever the other slots are doing. `Sampler.complete` (complete.py) is the
-simple high-level loop over many requests (admit into free slots, generate, detokenize,
-stop).
+`extend` writes prompt tokens into slots' caches (whole prompts, chunks of long ones, several
+slots in one call, or the rest of a prompt after cached prefix blocks) and leaves each slot's
+next-token logits. `activate` makes the slot live and chooses its first token at once (so it
+can be streamed before any decode step). `generate` runs up to `steps_per_call` decode steps
+for every live slot in one `lax.while_loop`, no Python per token. Each step chooses a token
+from each slot's logits, then feeds it through the model (one KV-cache step).
 
-Capacity: a slot holds `max_len` tokens (prompt + generated); a prompt may use max_len - 1.
-Under a mesh, the cache's kv heads are split over "tensor" and slots over the batch axes;
-parameters keep (or get) the shardings their logical axes imply.
+Work follows what is in use: `generate` runs on the first R slots and reads the first L
+cache positions, for the smallest compiled (R, L) bucket that holds the live slots
+(`num_rows` = the highest live slot + 1) and their lengths (`num_keys` >= each live slot's
+length + the steps of the call). Buckets: R in powers of two up to num_slots, L in 256 x
+powers of four up to max_len. Any bucket at least that large gives the same tokens (up to
+float rounding between batch sizes), so `compile_bucket` may run ahead of time, e.g. on a
+background thread while the largest bucket already serves. A step never reads past L: the
+loop stops early instead (the rest comes from the next call).
+
+Every slot carries its own SamplingParams as array rows, and each slot's random draws come
+from (its seed, its token index) only. Capacity: a slot holds `max_len` tokens (prompt +
+generated); a prompt may use max_len - 1. Under a mesh, the cache's kv heads are split over
+"tensor" and slots over the batch axes; parameters keep (or get) the shardings their
+logical axes imply.
 """
 
 import contextlib
+import threading
 from collections.abc import Sequence
 
 import flax
@@ -37,13 +45,12 @@ import numpy as np
 from flax import nnx
 
 from research import sharding
-from research.errors import UserError
-from research.serving import complete as complete_lib
-from research.serving import kv_cache
-from research.serving.complete import Completion
-from research.serving.sampling import SamplingParams, SlotParams, choose_tokens, slot_params
+from research.errors import RequestError, UserError
+from research.serving.core import kv_cache
+from research.serving.core.sampling import SamplingParams, SlotParams, choose_tokens, slot_params
 
-_MIN_BUCKET = 16
+_MIN_BUCKET = 16  # Shortest prompt chunk compiled.
+_MIN_KEYS = 256  # Smallest key bucket of a decode call.
 
 
 @flax.struct.dataclass
@@ -64,25 +71,16 @@ class DecodeState:
 
 
 @flax.struct.dataclass
-class Prefix:
-    """A prefilled batch of P prompts, ready to insert into slots."""
-
-    cache: kv_cache.KVCache  # [P, K, T, H] per layer (T = the length bucket).
-    logits: jax.Array  # [P, V] float32 at each prompt's last token.
-    lengths: jax.Array  # [P] int32 prompt lengths.
-    seen: jax.Array  # [P, V] bool prompt tokens.
-
-
-@flax.struct.dataclass
 class Tokens:
-    """What one `generate` call chose: [B, k] for k = steps_per_call; token -1 = none (a
-    finished slot, or the step that fed a slot's pending first token: skip, do not stop)."""
+    """What one `generate` call chose: [R, k] for the call's R rows and k = steps_per_call;
+    token -1 = none (a finished slot, a step not run, or the step that fed a slot's pending
+    first token: skip, do not stop)."""
 
     tokens: jax.Array  # int32
     logprobs: jax.Array  # float32, raw model log-probability of the token.
-    top_ids: jax.Array  # int32 [B, k, N] the N most likely tokens (num_top_logprobs).
-    top_logprobs: jax.Array  # float32 [B, k, N]
-    live: jax.Array  # bool [B]: the slot goes on after this call.
+    top_ids: jax.Array  # int32 [R, k, N] the N most likely tokens (num_top_logprobs).
+    top_logprobs: jax.Array  # float32 [R, k, N]
+    live: jax.Array  # bool [R]: the slot goes on after this call.
 
 
 def shard_params(params, mesh):
@@ -93,12 +91,30 @@ def shard_params(params, mesh):
 
 
 def length_buckets(max_len: int) -> tuple[int, ...]:
-    """Prompt lengths prefill compiles for: powers of two from 16, then max_len."""
+    """Prompt chunk lengths `extend` compiles for: powers of two from 16, then max_len."""
     buckets, size = [], _MIN_BUCKET
     while size < max_len:
         buckets.append(size)
         size *= 2
     return (*buckets, max_len)
+
+
+def key_buckets(max_len: int) -> tuple[int, ...]:
+    """Cache positions a decode call may read: 256 x powers of four, then max_len."""
+    buckets, size = [], _MIN_KEYS
+    while size < max_len:
+        buckets.append(size)
+        size *= 4
+    return (*buckets, max_len)
+
+
+def row_buckets(num_slots: int) -> tuple[int, ...]:
+    """Slots a decode call may run: powers of two, then num_slots."""
+    buckets, size = [], 1
+    while size < num_slots:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, num_slots)
 
 
 class Sampler:
@@ -143,16 +159,21 @@ class Sampler:
         self.num_top_logprobs, self.max_stop_tokens = num_top_logprobs, max_stop_tokens
         self.mesh = mesh
         self.params = shard_params(params, mesh) if mesh is not None else params
-        self.buckets = length_buckets(max_len)
+        self.row_buckets = row_buckets(num_slots)
+        self.key_buckets = key_buckets(max_len)
         shardings = self._state_shardings() if mesh is not None else None
         self._init = jax.jit(self._init_state, out_shardings=shardings)
-        self._prefill = jax.jit(self._prefill_fn)
-        self._insert = jax.jit(self._insert_fn, donate_argnums=0, out_shardings=shardings)
         self._generate = jax.jit(
             self._generate_fn,
             donate_argnums=1,
+            static_argnames=("num_rows", "num_keys"),
             out_shardings=None if mesh is None else (shardings, None),
         )
+        self._executables: dict[tuple[int, int], object] = {}
+        # Off (the engine): a decode call uses the smallest bucket compiled so far, never
+        # compiling on the request path; on: it compiles the bucket it needs.
+        self.compile_on_demand = True
+        self._compile_lock = threading.Lock()
         self._release = jax.jit(self._release_fn, donate_argnums=0, out_shardings=shardings)
         self._extend = jax.jit(
             self._extend_fn,
@@ -193,98 +214,75 @@ class Sampler:
         cache = kv_cache.cache_sharding(self.mesh, self.model_config, self.num_slots, self.max_len)
         return shardings.replace(cache=cache)
 
-    def _prefill_fn(self, params, tokens_pt, lengths_p) -> Prefix:
+    def _generate_fn(self, params, state: DecodeState, num_steps, *, num_rows, num_keys):
+        """Up to num_steps decode steps for the live slots among the first num_rows, reading
+        num_keys cache positions (see the module docstring)."""
         model = nnx.merge(self.graphdef, params)
-        logits_pv, cache = kv_cache.prefill(model, tokens_pt, lengths_p - 1)
-        v = self.model_config.vocab_size
-        t = tokens_pt.shape[1]
-        in_prompt_pt = jnp.arange(t)[None] < lengths_p[:, None]
-        seen_pv = jnp.zeros((tokens_pt.shape[0], v), bool)
-        rows_pt = jnp.broadcast_to(jnp.arange(tokens_pt.shape[0])[:, None], tokens_pt.shape)
-        seen_pv = seen_pv.at[rows_pt, tokens_pt].max(in_prompt_pt)
-        return Prefix(cache=cache, logits=logits_pv, lengths=lengths_p, seen=seen_pv)
+        r, k, n = num_rows, self.steps_per_call, self.num_top_logprobs
 
-    def _insert_fn(self, state: DecodeState, prefix: Prefix, row, slot, request: SlotParams):
-        def put(buffer, value):  # value: [1, ...] into buffer[slot].
-            start = (slot,) + (0,) * (buffer.ndim - 1)
-            return jax.lax.dynamic_update_slice(buffer, value.astype(buffer.dtype), start)
+        def rows(array):  # The first r rows of a per-slot array.
+            return array if r == self.num_slots else array[:r]
 
-        def take(array):
-            return jax.lax.dynamic_slice_in_dim(array, row, 1)
-
-        seen_1v = take(prefix.seen)
-        return DecodeState(
-            cache=jax.tree.map(lambda c, p: put(c, take(p)), state.cache, prefix.cache),
-            logits=put(state.logits, take(prefix.logits)),
-            lengths=put(state.lengths, take(prefix.lengths)),
-            num_generated=put(state.num_generated, jnp.zeros((1,), jnp.int32)),
-            live=put(state.live, jnp.ones((1,), bool)),
-            output_counts=put(state.output_counts, jnp.zeros(seen_1v.shape, jnp.int32)),
-            seen=put(state.seen, seen_1v),
-            params=jax.tree.map(put, state.params, request),
-            pending=put(state.pending, jnp.full((1,), -1, jnp.int32)),
-        )
-
-    def _generate_fn(self, params, state: DecodeState, num_steps):
-        model = nnx.merge(self.graphdef, params)
-        b, k, n = self.num_slots, self.steps_per_call, self.num_top_logprobs
+        sub = jax.tree.map(rows, state.replace(cache=None))
         out = Tokens(
-            tokens=jnp.full((b, k), -1, jnp.int32),
-            logprobs=jnp.zeros((b, k), jnp.float32),
-            top_ids=jnp.zeros((b, k, n), jnp.int32),
-            top_logprobs=jnp.zeros((b, k, n), jnp.float32),
-            live=state.live,
+            tokens=jnp.full((r, k), -1, jnp.int32),
+            logprobs=jnp.zeros((r, k), jnp.float32),
+            top_ids=jnp.zeros((r, k, n), jnp.int32),
+            top_logprobs=jnp.zeros((r, k, n), jnp.float32),
+            live=sub.live,
         )
-        rows_b = jnp.arange(b)
+        rows_r = jnp.arange(r)
 
         def step(carry):
-            index, state, out = carry
-            live_b = state.live
-            chosen_b, logprobs_b, top_ids_bn, top_logprobs_bn = choose_tokens(
-                state.logits,
-                state.params,
-                state.output_counts,
-                state.seen,
-                state.num_generated,
-                n,
+            index, sub, cache, out = carry
+            live_r = sub.live
+            chosen_r, logprobs_r, top_ids_rn, top_logprobs_rn = choose_tokens(
+                sub.logits, sub.params, sub.output_counts, sub.seen, sub.num_generated, n
             )
             # A pending token (chosen by `activate`) is fed now; it was reported there.
-            has_pending_b = state.pending >= 0
-            tokens_b = jnp.where(has_pending_b, state.pending, chosen_b)
-            new_b = live_b & ~has_pending_b
-            num_generated_b = state.num_generated + new_b
+            has_pending_r = sub.pending >= 0
+            tokens_r = jnp.where(has_pending_r, sub.pending, chosen_r)
+            new_r = live_r & ~has_pending_r
+            num_generated_r = sub.num_generated + new_r
             # The chosen token makes lengths + 1 tokens; feeding it needs a free cache row.
-            done_b = new_b & self._done(tokens_b, num_generated_b, state.lengths, state.params)
-            continues_b = live_b & ~done_b
-            # Every slot computes (fixed shapes); finished ones write only their own row.
-            positions_b = jnp.minimum(state.lengths, self.max_len - 1)
-            logits_bv, cache = kv_cache.decode_step(model, tokens_b, positions_b, state.cache)
-            state = DecodeState(
-                cache=cache,
-                logits=logits_bv,
-                lengths=state.lengths + continues_b,
-                num_generated=num_generated_b,
-                live=continues_b,
-                output_counts=state.output_counts.at[rows_b, tokens_b].add(new_b),
-                seen=state.seen.at[rows_b, tokens_b].max(new_b),
-                params=state.params,
-                pending=jnp.full_like(state.pending, -1),
+            done_r = new_r & self._done(tokens_r, num_generated_r, sub.lengths, sub.params)
+            continues_r = live_r & ~done_r
+            positions_r = jnp.minimum(sub.lengths, self.max_len - 1)
+            logits_rv, cache = kv_cache.decode_step(
+                model, tokens_r, positions_r, live_r, cache, num_keys=num_keys
+            )
+            sub = sub.replace(
+                logits=jnp.where(live_r[:, None], logits_rv, sub.logits),
+                lengths=sub.lengths + continues_r,
+                num_generated=num_generated_r,
+                live=continues_r,
+                output_counts=sub.output_counts.at[rows_r, tokens_r].add(new_r),
+                seen=sub.seen.at[rows_r, tokens_r].max(new_r),
+                pending=jnp.where(live_r, -1, sub.pending),
             )
             out = Tokens(
-                tokens=out.tokens.at[:, index].set(jnp.where(new_b, tokens_b, -1)),
-                logprobs=out.logprobs.at[:, index].set(logprobs_b),
-                top_ids=out.top_ids.at[:, index].set(top_ids_bn),
-                top_logprobs=out.top_logprobs.at[:, index].set(top_logprobs_bn),
-                live=continues_b,
+                tokens=out.tokens.at[:, index].set(jnp.where(new_r, tokens_r, -1)),
+                logprobs=out.logprobs.at[:, index].set(logprobs_r),
+                top_ids=out.top_ids.at[:, index].set(top_ids_rn),
+                top_logprobs=out.top_logprobs.at[:, index].set(top_logprobs_rn),
+                live=continues_r,
             )
-            return index + 1, state, out
+            return index + 1, sub, cache, out
 
         def cond(carry):
-            index, state, _ = carry
-            return (index < num_steps) & jnp.any(state.live)
+            index, sub, _, _ = carry
+            # A step feeds each live slot's token at position `lengths`, attending to the
+            # keys before it: all of them must lie within the num_keys read.
+            fits = jnp.all(jnp.where(sub.live, sub.lengths, 0) <= num_keys)
+            return (index < num_steps) & jnp.any(sub.live) & fits
 
-        _, state, out = jax.lax.while_loop(cond, step, (jnp.int32(0), state, out))
-        return state, out.replace(live=state.live)
+        _, sub, cache, out = jax.lax.while_loop(cond, step, (jnp.int32(0), sub, state.cache, out))
+
+        def put_back(full, part):
+            return part if r == self.num_slots else full.at[:r].set(part)
+
+        state = jax.tree.map(put_back, state.replace(cache=None), sub).replace(cache=cache)
+        return state, out.replace(live=sub.live)
 
     def _done(self, tokens_b, num_generated_b, lengths_b, params: SlotParams):
         """Whether a just-chosen token ends its slot: a stop token, max_new_tokens, or no
@@ -301,28 +299,17 @@ class Sampler:
 
     def _extend_fn(self, params, state, tokens_rt, slots_r, starts_r, num_real_r, next_rt,
                    num_prompt_top):  # fmt: skip
-        """R rows of prompt tokens into their slots (see `extend_rows`); rows with a slot
-        >= num_slots are padding. With num_prompt_top, also every position's scores."""
+        """R rows of prompt tokens into their slots (see `extend`); rows with a slot >=
+        num_slots are padding. With num_prompt_top, also every position's scores."""
         model = nnx.merge(self.graphdef, params)
-        valid_r = slots_r < self.num_slots
-        rows_r = jnp.where(valid_r, slots_r, 0)
-
-        def take(array):  # rows_r is in range: no bounds checks, as fast as a dynamic slice.
-            return array.at[rows_r].get(mode="promise_in_bounds")
-
-        cache_rows = jax.tree.map(take, state.cache)
-        starts_r = jnp.where(valid_r, starts_r, self.max_len)  # Padding writes nothing.
-        x_rtd, cache_rows = kv_cache.extend(model, tokens_rt, starts_r, cache_rows)
+        x_rtd, cache = kv_cache.extend(model, tokens_rt, starts_r, state.cache, slots_r)
         last_r11 = jnp.maximum(num_real_r - 1, 0)[:, None, None]
         logits_rv = model.unembed(jnp.take_along_axis(x_rtd, last_r11, axis=1))[:, 0]
 
         def put(array, rows):  # Padding rows (slot out of range) are dropped.
             return array.at[slots_r].set(rows.astype(array.dtype), mode="drop")
 
-        state = state.replace(
-            cache=jax.tree.map(put, state.cache, cache_rows),
-            logits=put(state.logits, logits_rv.astype(jnp.float32)),
-        )
+        state = state.replace(cache=cache, logits=put(state.logits, logits_rv.astype(jnp.float32)))
         if num_prompt_top is None:
             return state, None
         logprobs_rtv = jax.nn.log_softmax(model.unembed(x_rtd).astype(jnp.float32), axis=-1)
@@ -380,22 +367,20 @@ class Sampler:
             return self._init()
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> None:
-        """UserError for an empty prompt, a prompt that leaves no room, or unknown ids."""
+        """RequestError for an empty prompt, a prompt that leaves no room, or unknown ids."""
         if len(prompt_ids) == 0:
-            raise UserError(
-                "the prompt is empty; give at least one token (text prompts get the bos token)."
-            )
+            raise RequestError("prompt", None, "is empty; give at least one token")
         if len(prompt_ids) >= self.max_len:
-            raise UserError(
-                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_len} "
-                f"(prompt + at least one new token); shorten the prompt to at most "
-                f"{self.max_len - 1} tokens."
+            raise RequestError(
+                "prompt",
+                None,
+                f"has {len(prompt_ids)} tokens, more than the context of {self.max_len} holds "
+                f"(prompt + at least one new token); shorten it to at most {self.max_len - 1}",
             )
-        ids = np.asarray(prompt_ids)
-        if ids.min() < 0 or ids.max() >= self.model_config.vocab_size:
-            raise UserError(
-                f"the prompt has token ids outside [0, {self.model_config.vocab_size}) "
-                "(the model's vocabulary)."
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, (int, np.integer)) or not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(
+                "prompt", None, f"holds token ids outside [0, {vocab}) (the model's vocabulary)"
             )
 
     def check_request(self, request: SamplingParams) -> None:
@@ -405,103 +390,119 @@ class Sampler:
             max_logprobs=self.num_top_logprobs,
         )
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefix:
-        """Runs P prompts through the model, padded to one length bucket (jitted per bucket)."""
-        if not prompts:
-            raise UserError("prefill needs at least one prompt.")
-        for prompt in prompts:
-            self.check_prompt(prompt)
-        longest = max(len(p) for p in prompts)
-        bucket = next(b for b in self.buckets if b >= longest)
-        tokens_pt = np.zeros((len(prompts), bucket), np.int32)
-        for row, prompt in enumerate(prompts):
-            tokens_pt[row, : len(prompt)] = prompt
-        lengths_p = np.asarray([len(p) for p in prompts], np.int32)
-        with self._context():
-            return self._prefill(self.params, tokens_pt, lengths_p)
+    # -- decode
 
-    def insert(
-        self, state: DecodeState, prefix: Prefix, row: int, slot: int, request: SamplingParams
-    ) -> DecodeState:
-        """Puts prefilled prompt `row` into `slot` with its settings; the slot is live, and
-        its first token comes from the next `generate`. The old state is donated."""
-        self.check_request(request)
-        if not 0 <= slot < self.num_slots:
-            raise UserError(f"slot {slot} is not in [0, {self.num_slots}).")
-        row_params = slot_params([request], self.max_stop_tokens)
-        with self._context():
-            return self._insert(state, prefix, np.int32(row), np.int32(slot), row_params)
+    def bucket(self, num_rows: int, num_keys: int) -> tuple[int, int]:
+        """The (rows, keys) bucket a decode call of num_rows slots and num_keys positions
+        runs in: the smallest that holds them, or with `compile_on_demand` off, the smallest
+        compiled one that does (the largest bucket when none is compiled yet)."""
+        num_rows = min(max(num_rows, 1), self.num_slots)
+        num_keys = min(max(num_keys, 1), self.max_len)
+        ideal = (
+            next(r for r in self.row_buckets if r >= num_rows),
+            next(k for k in self.key_buckets if k >= num_keys),
+        )
+        if self.compile_on_demand or ideal in self._executables:
+            return ideal
+        fitting = [b for b in self._executables if b[0] >= num_rows and b[1] >= num_keys]
+        if fitting:
+            return min(fitting, key=lambda b: (b[0] * b[1], b))
+        return self.row_buckets[-1], self.key_buckets[-1]
 
-    def generate(self, state: DecodeState, num_steps: int = 0) -> tuple[DecodeState, Tokens]:
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every (rows, keys) bucket, smallest work first (the order to compile them in)."""
+        pairs = [(r, k) for r in self.row_buckets for k in self.key_buckets]
+        return sorted(pairs, key=lambda b: (b[0] * b[1], b))
+
+    def compiled_buckets(self) -> list[tuple[int, int]]:
+        return list(self._executables)
+
+    def compile_bucket(self, num_rows: int, num_keys: int) -> None:
+        """Compiles `generate` for one bucket ahead of use (thread-safe; later calls may use
+        it at once). Nothing runs on the device."""
+        if (num_rows, num_keys) in self._executables:
+            return
+        with self._compile_lock, self._context():
+            abstract_state = jax.eval_shape(self._init_state)
+            if self.mesh is not None:
+                shardings = self._state_shardings()
+                abstract_state = jax.tree.map(
+                    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                    abstract_state,
+                    shardings,
+                )
+            lowered = self._generate.lower(
+                self.params,
+                abstract_state,
+                np.int32(1),
+                num_rows=num_rows,
+                num_keys=num_keys,
+            )
+            self._executables[(num_rows, num_keys)] = lowered.compile()
+
+    def generate(
+        self, state: DecodeState, *, num_rows: int = 0, num_keys: int = 0, num_steps: int = 0
+    ) -> tuple[DecodeState, Tokens]:
         """Up to num_steps (default and at most steps_per_call) tokens for every live slot in
-        one jitted call (any num_steps, one compilation). Returns the new state (the old one
-        is donated) and Tokens of [B, steps_per_call]."""
+        one jitted call. Returns the new state (the old one is donated) and Tokens whose rows
+        are slots 0..R-1 of the bucket used (R >= num_rows).
+
+        Args:
+          num_rows: every live slot is below this (default: all slots).
+          num_keys: every live slot's length + num_steps is at most this (default: max_len);
+            too small only stops the call early, it never reads a wrong key.
+        """
         num_steps = num_steps or self.steps_per_call
         if not 1 <= num_steps <= self.steps_per_call:
             raise UserError(f"num_steps={num_steps} must be in [1, {self.steps_per_call}].")
+        rows, keys = self.bucket(num_rows or self.num_slots, num_keys or self.max_len)
+        if (rows, keys) not in self._executables:
+            self.compile_bucket(rows, keys)
         with self._context():
-            return self._generate(self.params, state, np.int32(num_steps))
+            return self._executables[(rows, keys)](self.params, state, np.int32(num_steps))
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         """Stops `slot` (its tokens after this are not generated); the slot is then free."""
         with self._context():
             return self._release(state, np.int32(slot))
 
+    # -- prompts
+
     def extend(
-        self,
-        state: DecodeState,
-        slot: int,
-        tokens: Sequence[int],
-        start: int,
-        *,
-        bucket: int = 0,
-        next_tokens: Sequence[int] | None = None,
-        num_prompt_top: int | None = None,
-    ) -> tuple[DecodeState, tuple | None]:
-        """Prefills `tokens` into `slot` at positions start.. (chunked prefill, or the rest
-        of a prompt after cached prefix blocks), leaving the slot's next-token logits at the
-        last one. The slot is not live until `activate`. The old state is donated.
-
-        Args:
-          bucket: the padded chunk length to compile for (default: the smallest power of two
-            from 16 that holds the tokens).
-          next_tokens, num_prompt_top: for prompt log-probabilities (echo): the token after
-            each of `tokens`, and how many alternatives to rank. Then the second result is
-            (logprob of each next token [T], top ids [T, N], top logprobs [T, N]) on device,
-            padded to the bucket; otherwise None.
-        """
-        state, scores = self._extend_call(
-            "extend", state, [(slot, tokens, start)], 1, bucket, next_tokens, num_prompt_top
-        )
-        return state, None if scores is None else tuple(a[0] for a in scores)
-
-    def extend_rows(
         self,
         state: DecodeState,
         rows: Sequence[tuple[int, Sequence[int], int]],
         *,
         num_rows: int = 0,
         bucket: int = 0,
-    ) -> DecodeState:
-        """`extend` of several slots in one call: rows of (slot, tokens, start), distinct slots.
+        next_tokens: Sequence[int] | None = None,
+        num_prompt_top: int | None = None,
+    ) -> tuple[DecodeState, tuple | None]:
+        """Writes prompt tokens into slots' caches: rows of (slot, tokens, start), distinct
+        slots, each putting `tokens` at positions start.. of its slot (a whole prompt, a
+        chunk of a long one, or the rest after cached prefix blocks) and leaving the slot's
+        next-token logits at the last one. A slot is not live until `activate`. One call
+        reads the weights once for all rows. The old state is donated.
 
-        One [R, T] forward reads the weights once for all rows, so prompts that wait together
-        prefill faster than one call each (ref_small, 4 prompts of 64 tokens: 11.9 ms a
-        prompt against 15.6). `num_rows` (default: len(rows)) pads R to a compiled size;
-        `bucket` pads T as in `extend`. The old state is donated.
+        Args:
+          num_rows: R to pad the rows to (a compiled size; default len(rows)).
+          bucket: T to pad the tokens to (default: the smallest power of two from 16 that
+            holds the longest row).
+          next_tokens, num_prompt_top: for prompt log-probabilities (echo), one row only:
+            the token after each of `tokens`, and how many alternatives to rank. Then the
+            second result is (logprob of each next token [T], top ids [T, N], top logprobs
+            [T, N]) on device, padded to the bucket; otherwise None.
         """
         num_rows = num_rows or len(rows)
-        return self._extend_call("extend_rows", state, rows, num_rows, bucket, None, None)[0]
-
-    def _extend_call(self, name, state, rows, num_rows, bucket, next_tokens, num_prompt_top):
-        """Pads rows of (slot, tokens, start) to [num_rows, bucket] arrays for `_extend_fn`."""
         slots = [slot for slot, _, _ in rows]
         if not 1 <= len(rows) <= num_rows or len(set(slots)) != len(slots):
-            raise UserError(f"{name}: {len(rows)} rows for {num_rows}, slots {slots}.")
+            raise UserError(f"extend: {len(rows)} rows for {num_rows}, slots {slots}.")
+        if next_tokens is not None and len(rows) != 1:
+            raise UserError("extend: prompt scores (next_tokens) need exactly one row.")
         for slot, tokens, start in rows:
             if not tokens or start + len(tokens) > self.max_len or not 0 <= slot < self.num_slots:
                 raise UserError(
-                    f"{name}: {len(tokens)} tokens at {start} of slot {slot} do not fit "
+                    f"extend: {len(tokens)} tokens at {start} of slot {slot} do not fit "
                     f"{self.num_slots} slots of {self.max_len}."
                 )
         longest = max(len(tokens) for _, tokens, _ in rows)
@@ -517,7 +518,7 @@ class Sampler:
         if next_tokens is not None:
             next_rt[0, : len(next_tokens)] = next_tokens
         with self._context():
-            return self._extend(
+            state, scores = self._extend(
                 self.params,
                 state,
                 tokens_rt,
@@ -527,6 +528,7 @@ class Sampler:
                 next_rt,
                 num_prompt_top=num_prompt_top,
             )
+        return state, None if scores is None else tuple(a[0] for a in scores)
 
     def activate(
         self, state: DecodeState, slot: int, prompt_ids: Sequence[int], request: SamplingParams
@@ -543,8 +545,3 @@ class Sampler:
             return self._activate(
                 state, np.int32(slot), prompt_s, np.int32(len(prompt_ids)), row_params
             )
-
-    def complete(self, prompts, requests, **options) -> list[Completion]:
-        """Runs every prompt to completion on these slots: `complete.complete(self, ...)`,
-        whose options (tokenizer, on_text, on_done) it takes."""
-        return complete_lib.complete(self, prompts, requests, **options)

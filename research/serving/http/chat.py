@@ -7,7 +7,7 @@ Face writes it; GGUF imports carry `tokenizer.chat_template` there too) and is r
 `bos_token`, `eos_token`, and the helpers `raise_exception(message)` and `strftime_now(format)`.
 
 A model without a template gets DEFAULT_TEMPLATE, ChatML (the format of Qwen, SmolLM2 and
-many others) after the bos token that every Cirrus training document starts with:
+many others), after the bos token where the tokenizer puts bos first (Cirrus tokenizers do):
 
     <bos><|im_start|>system\\nYou are terse.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n
     <|im_start|>assistant\\n
@@ -19,16 +19,16 @@ them, as with `apply_chat_template(tokenize=True)`.
 
 import datetime
 import json
-import os
 
 import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from research.data.tokenizer import read_chat_template  # noqa: F401 - re-exported
 from research.errors import UserError
 
 DEFAULT_TEMPLATE = (
-    "{{ bos_token }}"
+    "{% if add_bos %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
@@ -37,25 +37,6 @@ DEFAULT_TEMPLATE = (
 
 # Tokens that end an assistant turn in common templates: generation stops at them too.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
-
-
-def read_chat_template(tokenizer_dir: str | None) -> str | None:
-    """The `chat_template` of `tokenizer_dir/tokenizer_config.json`, or None.
-
-    A list of named templates (Hugging Face's multi-template form) gives the one named
-    "default".
-    """
-    if not tokenizer_dir:
-        return None
-    path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        template = json.load(f).get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) and template else None
 
 
 def _raise_exception(message):
@@ -114,6 +95,7 @@ class ChatTemplate:
                 add_generation_prompt=True,
                 bos_token=self._tokenizer.bos_token,
                 eos_token=self._tokenizer.eos_token,
+                add_bos=getattr(self._tokenizer, "add_bos", True),
             )
         except jinja2.exceptions.TemplateError as error:
             raise ValueError(f"the chat template rejected the messages: {error}") from None

@@ -1,0 +1,333 @@
+"""A key/value cache per layer and the Decoder's forward pass through it.
+
+The cache of layer l is k, v: [B, K, S, H] in the compute dtype: one row per slot, K kv heads
+(grouped-query attention stores the K kv heads, never the N query heads), S cache positions.
+Heads come before positions because a decode step's two attention matmuls batch over (B, K):
+with [B, S, K, H], XLA:CPU copies every layer's whole cache into that order on every step.
+
+`extend` (prompt tokens) and `decode_step` (one token per row) run a Decoder's own pieces
+(`Decoder.embed`, the blocks' norms, `Attention.project_qkv` / `project_out`, MLPs,
+`Decoder.unembed`) with the cache in between, so they stay exact against `Decoder.__call__`
+without touching research/model; only attention over the cache is written here.
+
+Work follows what is in use, not the cache's size:
+  - a decode step runs on the first R rows and reads the first L positions (static buckets
+    chosen by the sampler from the live slots), so one active slot of 16 costs what one slot
+    costs, and a short exchange costs the same at any max_len;
+  - prompt attention walks the filled key blocks only (a loop whose trip count is the
+    prompt's end), so its memory is queries x block, never queries x max_len.
+
+Positions are per row. Entries past a row's current position are never attended to, so stale
+values from a previous request in that slot need no clearing; rows that are not decoding
+(free, or a prompt half prefilled) are never written by a decode step.
+"""
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from research import sharding
+from research.model import Decoder
+
+# [B, K, S, H]: slots over the batch axes, kv heads over "tensor" (dropped where K does not
+# divide, see sharding.fit_spec).
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
+_ACTIVATION_AXES = ("batch", "seq", "act_embed")
+_MASK_VALUE = -1e30  # As research.model.attention: a fully masked row stays finite.
+# Keys per step of prompt attention's loop: measured on SmolLM2, 256 beat 512 and 1024.
+KEY_BLOCK = 256
+
+
+@flax.struct.dataclass
+class KVCache:
+    """keys[l], values[l]: [B, K, S, H] compute dtype, one pair per layer."""
+
+    keys: tuple
+    values: tuple
+
+    @property
+    def num_slots(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+
+def cache_shape(model_config, num_slots: int, max_len: int) -> jax.ShapeDtypeStruct:
+    """The abstract [B, K, S, H] array of one layer's keys (or values)."""
+    shape = (num_slots, model_config.num_kv_heads, max_len, model_config.resolved_head_dim)
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(model_config.dtype))
+
+
+def init_cache(model_config, num_slots: int, max_len: int) -> KVCache:
+    """A zero cache (call inside jit with out_shardings to create it sharded)."""
+    spec = cache_shape(model_config, num_slots, max_len)
+    layers = range(model_config.num_layers)
+    return KVCache(
+        keys=tuple(jnp.zeros(spec.shape, spec.dtype) for _ in layers),
+        values=tuple(jnp.zeros(spec.shape, spec.dtype) for _ in layers),
+    )
+
+
+def cache_sharding(mesh, model_config, num_slots: int, max_len: int) -> KVCache:
+    """NamedShardings of every cache leaf on `mesh`."""
+    spec = cache_shape(model_config, num_slots, max_len)
+    named = jax.sharding.NamedSharding(
+        mesh, sharding.fit_spec(sharding.logical_to_spec(CACHE_AXES), spec.shape, mesh)
+    )
+    layers = tuple(named for _ in range(model_config.num_layers))
+    return KVCache(keys=layers, values=layers)
+
+
+def _mlp(block, x_btd):
+    x_btd = x_btd + block.mlp(block.mlp_norm(x_btd))
+    return sharding.constrain(x_btd, _ACTIVATION_AXES)
+
+
+def decode_attention(
+    q_bnh: jax.Array,
+    k_bksh: jax.Array,
+    v_bksh: jax.Array,
+    mask_bs: jax.Array,
+    own_kv: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """softmax(q k^T / sqrt(H) masked) v for one query per row, against the cache.
+
+    The same math as `research.model.dot_product_attention` (query head n uses kv head
+    n // G; float32 logits and softmax; a masked key gets a large negative logit).
+
+    Args:
+      q_bnh: [B, N, H] queries, compute dtype.
+      k_bksh, v_bksh: [B, K, S, H] cache, compute dtype.
+      mask_bs: [B, S] bool, True where the cached key may be attended to (at least one per
+        row unless own_kv is given).
+      own_kv: ([B, K, H], [B, K, H]) the query token's own key and value, attended to after
+        the cache, when they are not in it yet (see `decode_step`).
+
+    Returns:
+      [B, N, H] in the dtype of v.
+    """
+    b, n, h = q_bnh.shape
+    k, s = k_bksh.shape[1], k_bksh.shape[2]
+    q_bkgh = (q_bnh * jnp.asarray(h**-0.5, q_bnh.dtype)).reshape(b, k, n // k, h)
+    f32 = jnp.float32
+    if k == n:  # No group axis: XLA:CPU handles a size-1 axis in these dots poorly.
+        logits_bks = jnp.einsum(
+            "bkh,bksh->bks", q_bkgh[:, :, 0], k_bksh, preferred_element_type=f32
+        )
+        logits_bkgs = logits_bks[:, :, None]
+    else:
+        logits_bkgs = jnp.einsum("bkgh,bksh->bkgs", q_bkgh, k_bksh, preferred_element_type=f32)
+    logits_bkgs = jnp.where(mask_bs[:, None, None], logits_bkgs, _MASK_VALUE)
+    if own_kv is not None:
+        own_bkg = jnp.einsum("bkgh,bkh->bkg", q_bkgh, own_kv[0], preferred_element_type=f32)
+        logits_bkgs = jnp.concatenate([logits_bkgs, own_bkg[..., None]], axis=-1)
+    probs_bkgs = jax.nn.softmax(logits_bkgs, axis=-1).astype(v_bksh.dtype)
+    if k == n:
+        y_bkgh = jnp.einsum("bks,bksh->bkh", probs_bkgs[:, :, 0, :s], v_bksh)[:, :, None]
+    else:
+        y_bkgh = jnp.einsum("bkgs,bksh->bkgh", probs_bkgs[..., :s], v_bksh)
+    if own_kv is not None:
+        y_bkgh = y_bkgh + probs_bkgs[..., s:] * own_kv[1][:, :, None]
+    return y_bkgh.reshape(b, n, h)
+
+
+def decode_step(
+    model: Decoder,
+    tokens_r: jax.Array,
+    positions_r: jax.Array,
+    writes_r: jax.Array,
+    cache: KVCache,
+    *,
+    num_keys: int = 0,
+) -> tuple[jax.Array, KVCache]:
+    """One new token for each of the first R rows, at its own position.
+
+    Each layer's attention reads the first `num_keys` cache positions of rows 0..R-1 (those
+    before the row's position count) plus the token's own key and value, given apart; the
+    new key and value are written afterwards, through a value that depends on the
+    attention's output (`_after`). That dependency lets XLA order the write after the read
+    and update every layer's cache in place (without it XLA:CPU copied every layer's cache
+    two to four times a step).
+
+    Args:
+      model: a Decoder (merged inside jit).
+      tokens_r: [R] int token ids, R <= B.
+      positions_r: [R] int32 positions, each <= num_keys (the keys before it are read).
+      writes_r: [R] bool: whether the row's key and value are stored (False for rows that
+        are not decoding: their cache rows may hold a prompt being prefilled).
+      cache: KVCache of [B, K, S, H] per layer.
+      num_keys: L, cache positions read (static); 0 = all S.
+
+    Returns:
+      ([R, V] float32 logits, the updated cache).
+    """
+    r = tokens_r.shape[0]
+    s = cache.max_len
+    num_keys = num_keys or s
+    positions_r1 = positions_r[:, None]
+    earlier_rl = jnp.arange(num_keys)[None, :] < positions_r1
+    # Rows that store nothing write out of range: the scatter drops them.
+    write_at_r = jnp.where(writes_r, positions_r, s)
+    rows_r = jnp.arange(r)
+    x_rtd = model.embed(tokens_r[:, None], positions_r1)
+    keys, values = [], []
+    for block, k_bksh, v_bksh in zip(model.layers, cache.keys, cache.values, strict=True):
+        attention = block.attention
+        q_r1nh, k_r1kh, v_r1kh = attention.project_qkv(block.attention_norm(x_rtd), positions_r1)
+        own_kv = k_r1kh[:, 0].astype(k_bksh.dtype), v_r1kh[:, 0].astype(v_bksh.dtype)
+        k_rklh = k_bksh if (r, num_keys) == (k_bksh.shape[0], s) else k_bksh[:r, :, :num_keys]
+        v_rklh = v_bksh if (r, num_keys) == (v_bksh.shape[0], s) else v_bksh[:r, :, :num_keys]
+        y_rnh = decode_attention(q_r1nh[:, 0], k_rklh, v_rklh, earlier_rl, own_kv)
+        k_rkh, v_rkh = _after(y_rnh, own_kv)
+        keys.append(k_bksh.at[rows_r, :, write_at_r].set(k_rkh, mode="drop"))
+        values.append(v_bksh.at[rows_r, :, write_at_r].set(v_rkh, mode="drop"))
+        x_rtd = _mlp(block, x_rtd + attention.project_out(y_rnh[:, None]))
+    logits_rv = model.unembed(x_rtd)[:, 0].astype(jnp.float32)
+    return logits_rv, KVCache(keys=tuple(keys), values=tuple(values))
+
+
+def _after(y_bnh: jax.Array, arrays: tuple) -> tuple:
+    """[B, K, H] `arrays`, unchanged in value but computed from `y_bnh`: XLA runs their users
+    (the cache writes) after the attention that made y.
+
+    Adds an exact zero made from one element of y per (row, kv head), finite or not: local
+    to every shard when heads are split over a mesh. An optimization_barrier did not order
+    the cache writes; this data dependency does.
+    """
+    b, k = arrays[0].shape[:2]
+    first_bk1 = y_bnh.reshape(b, k, -1)[:, :, :1]  # Query head n belongs to kv head n // G.
+    zero_bk1 = jnp.where(jnp.isfinite(first_bk1), first_bk1 * 0, 0)
+    return tuple(a + zero_bk1.astype(a.dtype) for a in arrays)
+
+
+def blockwise_attention(
+    q_btnh: jax.Array,
+    k_bksh: jax.Array,
+    v_bksh: jax.Array,
+    positions_bt: jax.Array,
+    rows_b: jax.Array | None = None,
+    *,
+    block: int = KEY_BLOCK,
+) -> jax.Array:
+    """Causal attention of T queries per row over the cache, one key block at a time.
+
+    Query t of row b attends to keys 0..positions_bt[b, t] of cache row rows_b[b]. The loop
+    runs over key blocks up to the largest position only, with an online softmax (running
+    max and sum, as in FlashAttention, Dao et al. 2022), so memory is [B, N, T, block] and
+    work follows the filled part of the cache.
+
+    Args:
+      q_btnh: [B, T, N, H] queries, compute dtype.
+      k_bksh, v_bksh: [C, K, S, H] cache (already holding the queries' own keys).
+      positions_bt: [B, T] int32 position of each query (keys at or before it are seen).
+      rows_b: [B] int32 cache row of each query row, in [0, C); default arange(B).
+      block: keys per loop step (min(block, S)).
+
+    Returns:
+      [B, T, N, H] in the dtype of v. Logits and softmax statistics are float32.
+    """
+    b, t, n, h = q_btnh.shape
+    k, s = k_bksh.shape[1], k_bksh.shape[2]
+    g = n // k
+    block = min(block, s)
+    rows_b = jnp.arange(b) if rows_b is None else rows_b
+    q_bkgth = (q_btnh * jnp.asarray(h**-0.5, q_btnh.dtype)).reshape(b, t, k, g, h)
+    q_bkgth = q_bkgth.transpose(0, 2, 3, 1, 4)
+    num_blocks = (jnp.max(positions_bt) + block) // block  # Blocks holding keys 0..max.
+    f32 = jnp.float32
+
+    def read(cache_cksh, start):  # [B, K, block, H] of each row's cache row from start.
+        def one(row):
+            return jax.lax.dynamic_slice(cache_cksh, (row, 0, start, 0), (1, k, block, h))[0]
+
+        return jax.vmap(one)(rows_b)
+
+    def step(i, carry):
+        max_bkgt, sum_bkgt, out_bkgth = carry
+        # The last block may be shifted back to fit; keys before i * block are done already.
+        start = jnp.minimum(i * block, s - block)
+        k_bkch, v_bkch = read(k_bksh, start), read(v_bksh, start)
+        logits_bkgtc = jnp.einsum("bkgth,bkch->bkgtc", q_bkgth, k_bkch, preferred_element_type=f32)
+        index_c = start + jnp.arange(block)
+        visible_btc = (index_c[None, None] <= positions_bt[:, :, None]) & (index_c >= i * block)[
+            None, None
+        ]
+        logits_bkgtc = jnp.where(visible_btc[:, None, None], logits_bkgtc, _MASK_VALUE)
+        new_max_bkgt = jnp.maximum(max_bkgt, jnp.max(logits_bkgtc, axis=-1))
+        probs_bkgtc = jnp.exp(logits_bkgtc - new_max_bkgt[..., None])
+        scale_bkgt = jnp.exp(max_bkgt - new_max_bkgt)
+        sum_bkgt = sum_bkgt * scale_bkgt + jnp.sum(probs_bkgtc, axis=-1)
+        update_bkgth = jnp.einsum(
+            "bkgtc,bkch->bkgth",
+            probs_bkgtc.astype(v_bksh.dtype),
+            v_bkch,
+            preferred_element_type=f32,
+        )
+        return new_max_bkgt, sum_bkgt, out_bkgth * scale_bkgt[..., None] + update_bkgth
+
+    init = (
+        jnp.full((b, k, g, t), _MASK_VALUE, f32),
+        jnp.zeros((b, k, g, t), f32),
+        jnp.zeros((b, k, g, t, h), f32),
+    )
+    _, sum_bkgt, out_bkgth = jax.lax.fori_loop(0, num_blocks, step, init)
+    y_bkgth = (out_bkgth / sum_bkgt[..., None]).astype(v_bksh.dtype)
+    return y_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def extend(
+    model: Decoder,
+    tokens_rt: jax.Array,
+    start_r: jax.Array,
+    cache: KVCache,
+    slots_r: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """T more prompt tokens for each of R cache rows, at positions start..start+T-1.
+
+    What prefill, chunked prefill and the prefix cache need: the first `start` positions of
+    each row hold the prompt's keys and values already (none, an earlier chunk, or blocks
+    copied from the prefix cache); this writes the next T tokens' keys and values after them
+    and attends to everything up to each token's own position. Only those positions of the
+    cache are touched. Positions past the cache (padding of a last chunk) and rows whose
+    slot is out of range (padding rows) are dropped, never written.
+
+    Args:
+      model: a Decoder (merged inside jit).
+      tokens_rt: [R, T] int token ids (padding after the real tokens is harmless).
+      start_r: [R] int32 position of each row's first new token.
+      cache: KVCache of [B, K, S, H] per layer.
+      slots_r: [R] int32 cache row (slot) of each token row; default arange(R). A slot >= B
+        marks a padding row.
+
+    Returns:
+      ([R, T, D] final hidden states, before `Decoder.unembed`; the updated cache).
+    """
+    r, t = tokens_rt.shape
+    b, s = cache.num_slots, cache.max_len
+    slots_r = jnp.arange(r, dtype=jnp.int32) if slots_r is None else slots_r
+    valid_r = slots_r < b
+    positions_rt = start_r[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    clipped_rt = jnp.minimum(positions_rt, s - 1)
+    # A padding row attends to key 0 of slot 0 only, so it never lengthens the key loop.
+    attend_rt = jnp.where(valid_r[:, None], clipped_rt, 0)
+    read_r = jnp.where(valid_r, slots_r, 0)
+    write_slot_rt = jnp.broadcast_to(jnp.where(valid_r, slots_r, b)[:, None], (r, t))
+    x_rtd = model.embed(tokens_rt, clipped_rt)
+    keys, values = [], []
+    for block, k_bksh, v_bksh in zip(model.layers, cache.keys, cache.values, strict=True):
+        attention = block.attention
+        q_rtnh, k_rtkh, v_rtkh = attention.project_qkv(block.attention_norm(x_rtd), positions_rt)
+        # cache[slot, :, position] = new[r, t]: the advanced indices come first, [R, T, K, H].
+        k_bksh = k_bksh.at[write_slot_rt, :, positions_rt].set(
+            k_rtkh.astype(k_bksh.dtype), mode="drop"
+        )
+        v_bksh = v_bksh.at[write_slot_rt, :, positions_rt].set(
+            v_rtkh.astype(v_bksh.dtype), mode="drop"
+        )
+        keys.append(k_bksh)
+        values.append(v_bksh)
+        y_rtnh = blockwise_attention(q_rtnh, k_bksh, v_bksh, attend_rt, read_r)
+        x_rtd = _mlp(block, x_rtd + attention.project_out(y_rtnh))
+    return x_rtd, KVCache(keys=tuple(keys), values=tuple(values))
