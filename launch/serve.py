@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from launch import cli
 from launch import config as gin_config
@@ -148,6 +148,10 @@ def main(argv):
         os._exit(EXIT_ENGINE_FAILED)
     _log("shutting down: draining the engine")
     engine.shutdown(DRAIN_TIMEOUT_S.value)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # Drained; nothing is left for the interpreter's teardown to wait for.
 
 
 def _stop_on_failure(engine, server) -> None:

@@ -35,6 +35,8 @@ class SpanScores:
 
 # Positions unembedded at a time: the [B, chunk, V] logits are all that exists of them.
 _HEAD_CHUNK = 256
+# Tokens per jitted call at most (rows x seq_len): long windows run fewer rows at a time.
+_MAX_TOKENS_PER_CALL = 16384
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -90,7 +92,8 @@ def score_spans(
       graphdef, params: `nnx.split(model, nnx.Param)` of a Decoder (params may be sharded).
       spans: sequences of 2 to seq_len + 1 tokens.
       seq_len: T, inputs per packed row.
-      batch_size: B, rows per jitted call.
+      batch_size: B, rows per jitted call at most (fewer when there are fewer rows, or
+        when B x seq_len passes 16,384 tokens: an 8k window runs 2 rows a call).
       mesh: run under this mesh (params sharded on it); None = default device.
 
     Returns:
@@ -103,6 +106,8 @@ def score_spans(
                 f"eval.seq_len + 1 = {seq_len + 1}."
             )
     rows = _pack(spans, seq_len)
+    # No call pads more rows than there are, nor holds more than the token budget.
+    batch_size = max(1, min(batch_size, len(rows), _MAX_TOKENS_PER_CALL // seq_len))
     results: list[SpanScores | None] = [None] * len(spans)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

@@ -100,7 +100,7 @@ def test_extend_of_several_rows_equals_one_extend_per_slot(model):
     np.testing.assert_allclose(
         batched.logits[2], full_logits(graphdef, params, [LONG[:30]])[0, -1], atol=1e-4
     )
-    assert not np.any(np.asarray(batched.cache.keys[0][4]))
+    assert not np.any(np.asarray(batched.cache.keys[0][0][4]))
     with pytest.raises(UserError, match="extend"):
         sampler.extend(batched, [(1, [5], 0), (1, [6], 0)])
 
@@ -323,3 +323,35 @@ def test_prompts_waiting_together_prefill_in_one_call_and_equal_each_alone(model
         assert tokens_of(got) == want.token_ids
     together = [[slot for slot, _, _ in rows] for rows in calls if len(rows) > 1]
     assert together == [[0, 1, 2, 3]]  # The fifth waited for a slot, then went alone.
+
+
+def test_requests_compile_nothing_once_warm(model):
+    """Parameters on a one-device mesh (as `research.checkpoint.load` places them): once the
+    engine is ready and its decode buckets are compiled, requests of every kind (lengths,
+    batches, prompt logprobs, prefix-cache hits) compile nothing on the request path."""
+    from research.serving import shard_params
+    from research.sharding import make_mesh
+
+    graphdef, params = model
+    params = shard_params(params, make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    config = EngineConfig(num_slots=3, steps_per_call=2, prefill_chunk=16, prefix_block=8)
+    engine = Engine(CONFIG, graphdef, params, CharTokenizer(), config)
+    engine.start()
+    assert engine.wait_ready(120)
+    engine._compiler.join(120)  # The background compiles (decode buckets, echo prefill).
+    assert engine.stats()["decode_buckets_compiled"] == engine.stats()["decode_buckets"]
+    sampler = engine.sampler
+
+    def compiled():
+        jitted = (sampler._extend, sampler._activate, sampler._release, sampler._init)
+        return [f._cache_size() for f in jitted], len(sampler.compiled_buckets())
+
+    before = compiled()
+    try:
+        greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+        run(engine, [LONG, [1, 7, 9], LONG[:20], [1, 4]], [greedy] * 4)
+        run(engine, [LONG], [greedy], prompt_logprobs=2)
+        run(engine, [LONG[:30] + [5]], [SamplingParams(max_new_tokens=3, num_logprobs=2)])
+    finally:
+        engine.shutdown()
+    assert compiled() == before

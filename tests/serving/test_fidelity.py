@@ -4,7 +4,9 @@ through `launch.sample` and through /v1/completions, and the same prompt log-pro
 (echo) within 1e-4.
 
 Models, each saved by transformers itself: the real SmolLM2-135M-Instruct (the bundled GGUF,
-loaded and saved as a Hugging Face directory by transformers; its tokenizer adds no bos), and
+loaded and saved as a Hugging Face directory by transformers, which launch.sample reads,
+while the server reads the GGUF as `make serve-demo` does, and answers a chat; its
+tokenizer adds no bos), and
 tiny random Llama (one kv head, rope_theta 5e5, untied head, a tokenizer that adds bos),
 Qwen2 (qkv biases, no bos) and GPT-2 (learned positions, no bos) models.
 """
@@ -117,9 +119,12 @@ def launch_sample(source: str, prompt: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def check_against_transformers(source: str, model, their_tokenizer, eos_id: int, slots=2):
-    """Prompt ids, greedy continuations (launch.sample, /v1/completions) and echo
-    log-probabilities of every prompt against transformers."""
+def check_against_transformers(
+    source: str, model, their_tokenizer, eos_id: int, serve_flags=(), chat=None
+):
+    """Prompt ids, greedy continuations (launch.sample of `source`, /v1/completions of a
+    `launch.serve` of `serve_flags`, default --from_hf=source) and echo log-probabilities
+    of every prompt against transformers; `chat(client)` runs more checks on the server."""
     expected = {}
     for prompt in PROMPTS:
         ids = their_tokenizer(prompt).input_ids
@@ -129,8 +134,8 @@ def check_against_transformers(source: str, model, their_tokenizer, eos_id: int,
     assert sampled["prompt_ids"] == ids
     assert sampled["token_ids"] == continuation
     server = server_fixtures.start_server(
-        ["--from_hf" if os.path.isdir(source) else "--workdir", source,
-         "--model_name=m", f"--gin_bindings=serve.num_slots={slots}"]
+        [*(serve_flags or [f"--from_hf={source}"]), "--model_name=m",
+         "--gin_bindings=serve.num_slots=2"]
     )  # fmt: skip
     try:
         client = server_fixtures.make_client(server.url)
@@ -161,6 +166,8 @@ def check_against_transformers(source: str, model, their_tokenizer, eos_id: int,
             assert scored[0] is None and len(scored) == len(ids)
             want = [log_softmax[t - 1, ids[t]] for t in range(1, len(ids))]
             np.testing.assert_allclose(scored[1:], want, atol=1e-4, err_msg=prompt)
+        if chat is not None:
+            chat(client)
     finally:
         assert server_fixtures.stop_server(server) == 0, server.log()[-3000:]
 
@@ -193,4 +200,19 @@ def test_smollm2_matches_transformers_token_for_token(tmp_path):
     assert not ours.add_bos  # SmolLM2's tokenizer adds no bos (its bos is <|im_start|>).
     for prompt in PROMPTS:
         assert ours.encode_prompt(prompt) == their_tokenizer(prompt).input_ids
-    check_against_transformers(hf_dir, model, their_tokenizer, their_tokenizer.eos_token_id)
+
+    def chat(client):  # What `make serve-demo` serves: the GGUF's own chat template.
+        answer = client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+        )
+        assert "Paris" in answer.choices[0].message.content
+        assert answer.choices[0].finish_reason == "stop"  # <|im_end|>
+
+    # launch.sample reads the HF directory; the server reads the GGUF itself (serve-demo).
+    check_against_transformers(
+        hf_dir, model, their_tokenizer, their_tokenizer.eos_token_id,
+        serve_flags=[f"--from_gguf={path}", "--gin_bindings=serve.max_len=256"], chat=chat,
+    )  # fmt: skip

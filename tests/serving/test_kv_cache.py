@@ -71,11 +71,52 @@ def test_decode_on_the_first_rows_and_keys_equals_the_whole_cache():
 
     whole, part, whole_cache, part_cache, before = run(params)
     np.testing.assert_allclose(np.asarray(part), np.asarray(whole)[:r], rtol=1e-5, atol=1e-5)
-    k_new, k_part, k_old = (np.asarray(c.keys[0]) for c in (whole_cache, part_cache, before))
+    k_new, k_part, k_old = (
+        np.asarray(kv_cache.whole(c.keys[0])) for c in (whole_cache, part_cache, before)
+    )
     np.testing.assert_allclose(k_part[0], k_new[0], rtol=1e-6)  # Row 0 wrote position 6.
     assert not np.allclose(k_part[0, :, 6], k_old[0, :, 6])
     np.testing.assert_array_equal(k_part[1], k_old[1])  # Row 1 does not write.
     np.testing.assert_array_equal(k_part[r:], k_old[r:])  # Rows past R are untouched.
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_decode_across_cache_segments_match_the_full_forward(family):
+    """max_len 300 splits each layer's cache into [0, 256) and [256, 300): a 250-token
+    prompt (chunks of 100) then decode steps that cross the boundary, read in the 256 and
+    the 300 key buckets, give the full forward's logits."""
+    config = FAMILIES[family].replace(max_seq_len=512)
+    graphdef, params = random_split(config)
+    tokens_t = np.random.default_rng(2).integers(0, config.vocab_size, 262).astype(np.int32)
+    expected_tv = full_logits(graphdef, params, tokens_t[None])[0]
+    assert kv_cache.segment_bounds(300) == ((0, 256), (256, 300))
+
+    @jax.jit
+    def run(params):
+        model = nnx.merge(graphdef, params)
+        cache = kv_cache.init_cache(config, 1, 300)
+        for start in (0, 100, 200):
+            end = min(start + 100, 250)
+            x_1td, cache = kv_cache.extend(
+                model, jnp.asarray(tokens_t[None, start:end]), jnp.array([start]), cache
+            )
+        last = model.unembed(x_1td)[0, -1]
+        steps = []
+        for position in range(250, 262):
+            logits, cache = kv_cache.decode_step(
+                model,
+                jnp.asarray(tokens_t[position : position + 1]),
+                jnp.array([position]),
+                jnp.array([True]),
+                cache,
+                num_keys=256 if position <= 256 else 300,
+            )
+            steps.append(logits[0])
+        return last, jnp.stack(steps)
+
+    last, steps = map(np.asarray, run(params))
+    np.testing.assert_allclose(last, expected_tv[249], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(steps, expected_tv[250:262], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("block", [4, 5, 64])
@@ -89,11 +130,15 @@ def test_blockwise_attention_equals_causal_attention(block):
     rows_b = np.array([2, 0], np.int32)
     positions_bt = np.array([[0, 1, 2], [10, 11, 12]], np.int32)
     got = kv_cache.blockwise_attention(q_btnh, k_cksh, v_cksh, positions_bt, rows_b, block=block)
+    # The same cache as two segments, [0, 7) and [7, 13): blocks never straddle them.
+    segments = [k_cksh[:, :, :7], k_cksh[:, :, 7:]], [v_cksh[:, :, :7], v_cksh[:, :, 7:]]
+    split = kv_cache.blockwise_attention(q_btnh, *segments, positions_bt, rows_b, block=block)
     mask_bts = np.arange(s)[None, None] <= positions_bt[:, :, None]
     k_bskh = k_cksh[rows_b].transpose(0, 2, 1, 3)
     v_bskh = v_cksh[rows_b].transpose(0, 2, 1, 3)
     expected = dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(split, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_cache_is_grouped_query_sized():

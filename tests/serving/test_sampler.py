@@ -150,7 +150,7 @@ def test_sharded_mesh_gives_the_single_device_tokens(llama):
     results = complete(sharded, PROMPTS[:2], requests)
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]
     state = sharded.init_state()
-    assert "tensor" in str(state.cache.keys[0].sharding.spec)
+    assert "tensor" in str(state.cache.keys[0][0].sharding.spec)
 
 
 @pytest.mark.parametrize(

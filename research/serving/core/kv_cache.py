@@ -1,9 +1,15 @@
 """A key/value cache per layer and the Decoder's forward pass through it.
 
-The cache of layer l is k, v: [B, K, S, H] in the compute dtype: one row per slot, K kv heads
-(grouped-query attention stores the K kv heads, never the N query heads), S cache positions.
-Heads come before positions because a decode step's two attention matmuls batch over (B, K):
-with [B, S, K, H], XLA:CPU copies every layer's whole cache into that order on every step.
+Each layer's cache holds, for keys and for values, the positions 0..S-1 of every slot, split
+at the decode key buckets into segments: [B, K, S_i, H] arrays in the compute dtype (one row
+per slot, K kv heads: grouped-query attention stores the K kv heads, never the N query
+heads). For max_len 2048 the segments hold positions [0, 256), [256, 1024), [1024, 2048).
+Heads come before positions because a decode step's two attention matmuls batch over (B, K).
+
+Why segments: a decode call that needs only the first L positions reads whole segments, with
+no slice. XLA:CPU copies a slice of a buffer before a dot, and those copies cost as much as
+the attention itself: 16 slots of SmolLM2 reading 256 of 2048 positions took 52 ms a step
+sliced, 38 ms reading a 256-position segment.
 
 `extend` (prompt tokens) and `decode_step` (one token per row) run a Decoder's own pieces
 (`Decoder.embed`, the blocks' norms, `Attention.project_qkv` / `project_out`, MLPs,
@@ -11,9 +17,9 @@ with [B, S, K, H], XLA:CPU copies every layer's whole cache into that order on e
 without touching research/model; only attention over the cache is written here.
 
 Work follows what is in use, not the cache's size:
-  - a decode step runs on the first R rows and reads the first L positions (static buckets
-    chosen by the sampler from the live slots), so one active slot of 16 costs what one slot
-    costs, and a short exchange costs the same at any max_len;
+  - a decode step runs on the first R rows and reads the segments below L (static buckets
+    chosen by the sampler from the live slots), so one active slot of 16 costs what one
+    slot costs, and a short exchange costs the same at any max_len;
   - prompt attention walks the filled key blocks only (a loop whose trip count is the
     prompt's end), so its memory is queries x block, never queries x max_len.
 
@@ -36,38 +42,68 @@ _ACTIVATION_AXES = ("batch", "seq", "act_embed")
 _MASK_VALUE = -1e30  # As research.model.attention: a fully masked row stays finite.
 # Keys per step of prompt attention's loop: measured on SmolLM2, 256 beat 512 and 1024.
 KEY_BLOCK = 256
+_MIN_KEYS = 256  # The smallest decode key bucket; then x4 up to max_len.
+
+
+def key_buckets(max_len: int) -> tuple[int, ...]:
+    """Cache positions a decode call may read: 256 x powers of four, then max_len. They
+    are also the segments' ends."""
+    buckets, size = [], _MIN_KEYS
+    while size < max_len:
+        buckets.append(size)
+        size *= 4
+    return (*buckets, max_len)
+
+
+def segment_bounds(max_len: int) -> tuple[tuple[int, int], ...]:
+    """(start, end) of every segment."""
+    ends = key_buckets(max_len)
+    return tuple(zip((0, *ends[:-1]), ends, strict=True))
 
 
 @flax.struct.dataclass
 class KVCache:
-    """keys[l], values[l]: [B, K, S, H] compute dtype, one pair per layer."""
+    """keys[l], values[l]: per layer, a tuple of segments [B, K, S_i, H] (compute dtype)."""
 
     keys: tuple
     values: tuple
 
     @property
     def num_slots(self) -> int:
-        return self.keys[0].shape[0]
+        return self.keys[0][0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[2]
+        return sum(segment.shape[2] for segment in self.keys[0])
+
+    @property
+    def bounds(self) -> tuple[tuple[int, int], ...]:
+        return segment_bounds(self.max_len)
+
+
+def whole(segments) -> jax.Array:
+    """One layer's segments as a single [B, K, S, H] array (a copy: tests, prefix blocks)."""
+    return segments[0] if len(segments) == 1 else jnp.concatenate(segments, axis=2)
 
 
 def cache_shape(model_config, num_slots: int, max_len: int) -> jax.ShapeDtypeStruct:
-    """The abstract [B, K, S, H] array of one layer's keys (or values)."""
+    """The abstract [B, K, S, H] array of one layer's keys (or values), all segments."""
     shape = (num_slots, model_config.num_kv_heads, max_len, model_config.resolved_head_dim)
     return jax.ShapeDtypeStruct(shape, jnp.dtype(model_config.dtype))
 
 
 def init_cache(model_config, num_slots: int, max_len: int) -> KVCache:
     """A zero cache (call inside jit with out_shardings to create it sharded)."""
-    spec = cache_shape(model_config, num_slots, max_len)
+    b, k, _, h = cache_shape(model_config, num_slots, max_len).shape
+    dtype = jnp.dtype(model_config.dtype)
+
+    def layer():
+        return tuple(
+            jnp.zeros((b, k, end - start, h), dtype) for start, end in segment_bounds(max_len)
+        )
+
     layers = range(model_config.num_layers)
-    return KVCache(
-        keys=tuple(jnp.zeros(spec.shape, spec.dtype) for _ in layers),
-        values=tuple(jnp.zeros(spec.shape, spec.dtype) for _ in layers),
-    )
+    return KVCache(keys=tuple(layer() for _ in layers), values=tuple(layer() for _ in layers))
 
 
 def cache_sharding(mesh, model_config, num_slots: int, max_len: int) -> KVCache:
@@ -76,7 +112,8 @@ def cache_sharding(mesh, model_config, num_slots: int, max_len: int) -> KVCache:
     named = jax.sharding.NamedSharding(
         mesh, sharding.fit_spec(sharding.logical_to_spec(CACHE_AXES), spec.shape, mesh)
     )
-    layers = tuple(named for _ in range(model_config.num_layers))
+    layer = tuple(named for _ in segment_bounds(max_len))
+    layers = tuple(layer for _ in range(model_config.num_layers))
     return KVCache(keys=layers, values=layers)
 
 
@@ -85,10 +122,21 @@ def _mlp(block, x_btd):
     return sharding.constrain(x_btd, _ACTIVATION_AXES)
 
 
+def _write(segments, bounds, rows, positions, new):
+    """segments[.][rows, :, position - start] = new, each position into its own segment
+    (elsewhere dropped). rows, positions: index arrays of one shape; new: that shape + [K, H]."""
+    out = []
+    for segment, (start, end) in zip(segments, bounds, strict=True):
+        inside = (positions >= start) & (positions < end)
+        local = jnp.where(inside, positions - start, end - start)  # Out of range: dropped.
+        out.append(segment.at[rows, :, local].set(new.astype(segment.dtype), mode="drop"))
+    return tuple(out)
+
+
 def decode_attention(
     q_bnh: jax.Array,
-    k_bksh: jax.Array,
-    v_bksh: jax.Array,
+    k_bksh,
+    v_bksh,
     mask_bs: jax.Array,
     own_kv: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
@@ -99,7 +147,8 @@ def decode_attention(
 
     Args:
       q_bnh: [B, N, H] queries, compute dtype.
-      k_bksh, v_bksh: [B, K, S, H] cache, compute dtype.
+      k_bksh, v_bksh: [B, K, S, H] cache, or a sequence of segments [B, K, S_i, H] that
+        together make S positions; compute dtype.
       mask_bs: [B, S] bool, True where the cached key may be attended to (at least one per
         row unless own_kv is given).
       own_kv: ([B, K, H], [B, K, H]) the query token's own key and value, attended to after
@@ -108,28 +157,38 @@ def decode_attention(
     Returns:
       [B, N, H] in the dtype of v.
     """
+    keys = tuple(k_bksh) if isinstance(k_bksh, (list, tuple)) else (k_bksh,)
+    values = tuple(v_bksh) if isinstance(v_bksh, (list, tuple)) else (v_bksh,)
     b, n, h = q_bnh.shape
-    k, s = k_bksh.shape[1], k_bksh.shape[2]
+    k = keys[0].shape[1]
     q_bkgh = (q_bnh * jnp.asarray(h**-0.5, q_bnh.dtype)).reshape(b, k, n // k, h)
     f32 = jnp.float32
-    if k == n:  # No group axis: XLA:CPU handles a size-1 axis in these dots poorly.
-        logits_bks = jnp.einsum(
-            "bkh,bksh->bks", q_bkgh[:, :, 0], k_bksh, preferred_element_type=f32
-        )
-        logits_bkgs = logits_bks[:, :, None]
-    else:
-        logits_bkgs = jnp.einsum("bkgh,bksh->bkgs", q_bkgh, k_bksh, preferred_element_type=f32)
+
+    def logits(k_bksh):
+        if k == n:  # No group axis: XLA:CPU handles a size-1 axis in these dots poorly.
+            logits_bks = jnp.einsum(
+                "bkh,bksh->bks", q_bkgh[:, :, 0], k_bksh, preferred_element_type=f32
+            )
+            return logits_bks[:, :, None]
+        return jnp.einsum("bkgh,bksh->bkgs", q_bkgh, k_bksh, preferred_element_type=f32)
+
+    logits_bkgs = jnp.concatenate([logits(segment) for segment in keys], axis=-1)
     logits_bkgs = jnp.where(mask_bs[:, None, None], logits_bkgs, _MASK_VALUE)
     if own_kv is not None:
         own_bkg = jnp.einsum("bkgh,bkh->bkg", q_bkgh, own_kv[0], preferred_element_type=f32)
         logits_bkgs = jnp.concatenate([logits_bkgs, own_bkg[..., None]], axis=-1)
-    probs_bkgs = jax.nn.softmax(logits_bkgs, axis=-1).astype(v_bksh.dtype)
-    if k == n:
-        y_bkgh = jnp.einsum("bks,bksh->bkh", probs_bkgs[:, :, 0, :s], v_bksh)[:, :, None]
-    else:
-        y_bkgh = jnp.einsum("bkgs,bksh->bkgh", probs_bkgs[..., :s], v_bksh)
+    probs_bkgs = jax.nn.softmax(logits_bkgs, axis=-1).astype(values[0].dtype)
+    y_bkgh, start = 0, 0
+    for v_seg in values:
+        size = v_seg.shape[2]
+        p_bkgs = probs_bkgs[..., start : start + size]
+        if k == n:
+            y_bkgh = y_bkgh + jnp.einsum("bks,bksh->bkh", p_bkgs[:, :, 0], v_seg)[:, :, None]
+        else:
+            y_bkgh = y_bkgh + jnp.einsum("bkgs,bksh->bkgh", p_bkgs, v_seg)
+        start += size
     if own_kv is not None:
-        y_bkgh = y_bkgh + probs_bkgs[..., s:] * own_kv[1][:, :, None]
+        y_bkgh = y_bkgh + probs_bkgs[..., start:] * own_kv[1][:, :, None]
     return y_bkgh.reshape(b, n, h)
 
 
@@ -144,12 +203,12 @@ def decode_step(
 ) -> tuple[jax.Array, KVCache]:
     """One new token for each of the first R rows, at its own position.
 
-    Each layer's attention reads the first `num_keys` cache positions of rows 0..R-1 (those
-    before the row's position count) plus the token's own key and value, given apart; the
-    new key and value are written afterwards, through a value that depends on the
-    attention's output (`_after`). That dependency lets XLA order the write after the read
-    and update every layer's cache in place (without it XLA:CPU copied every layer's cache
-    two to four times a step).
+    Each layer's attention reads, for rows 0..R-1, the segments that start below
+    `num_keys` (those cache positions before the row's position count) plus the token's own
+    key and value, given apart; the new key and value are written afterwards, through a
+    value that depends on the attention's output (`_after`). That dependency lets XLA order
+    the write after the read and update every layer's cache in place (without it XLA:CPU
+    copied every layer's cache two to four times a step).
 
     Args:
       model: a Decoder (merged inside jit).
@@ -157,32 +216,42 @@ def decode_step(
       positions_r: [R] int32 positions, each <= num_keys (the keys before it are read).
       writes_r: [R] bool: whether the row's key and value are stored (False for rows that
         are not decoding: their cache rows may hold a prompt being prefilled).
-      cache: KVCache of [B, K, S, H] per layer.
-      num_keys: L, cache positions read (static); 0 = all S.
+      cache: KVCache with B slots.
+      num_keys: L, positions read (static; rounded up to a segment end); 0 = all.
 
     Returns:
       ([R, V] float32 logits, the updated cache).
     """
     r = tokens_r.shape[0]
-    s = cache.max_len
-    num_keys = num_keys or s
+    b, s = cache.num_slots, cache.max_len
+    bounds = cache.bounds
+    used = sum(1 for start, _ in bounds if start < (num_keys or s))
+    read_keys = bounds[used - 1][1]
     positions_r1 = positions_r[:, None]
-    earlier_rl = jnp.arange(num_keys)[None, :] < positions_r1
+    earlier_rl = jnp.arange(read_keys)[None, :] < positions_r1
     # Rows that store nothing write out of range: the scatter drops them.
     write_at_r = jnp.where(writes_r, positions_r, s)
     rows_r = jnp.arange(r)
     x_rtd = model.embed(tokens_r[:, None], positions_r1)
     keys, values = [], []
-    for block, k_bksh, v_bksh in zip(model.layers, cache.keys, cache.values, strict=True):
+    for block, k_segments, v_segments in zip(model.layers, cache.keys, cache.values, strict=True):
         attention = block.attention
         q_r1nh, k_r1kh, v_r1kh = attention.project_qkv(block.attention_norm(x_rtd), positions_r1)
-        own_kv = k_r1kh[:, 0].astype(k_bksh.dtype), v_r1kh[:, 0].astype(v_bksh.dtype)
-        k_rklh = k_bksh if (r, num_keys) == (k_bksh.shape[0], s) else k_bksh[:r, :, :num_keys]
-        v_rklh = v_bksh if (r, num_keys) == (v_bksh.shape[0], s) else v_bksh[:r, :, :num_keys]
-        y_rnh = decode_attention(q_r1nh[:, 0], k_rklh, v_rklh, earlier_rl, own_kv)
+        own_kv = k_r1kh[:, 0].astype(k_segments[0].dtype), v_r1kh[:, 0].astype(v_segments[0].dtype)
+
+        def rows(segment):
+            return segment if r == b else segment[:r]
+
+        y_rnh = decode_attention(
+            q_r1nh[:, 0],
+            [rows(x) for x in k_segments[:used]],
+            [rows(x) for x in v_segments[:used]],
+            earlier_rl,
+            own_kv,
+        )
         k_rkh, v_rkh = _after(y_rnh, own_kv)
-        keys.append(k_bksh.at[rows_r, :, write_at_r].set(k_rkh, mode="drop"))
-        values.append(v_bksh.at[rows_r, :, write_at_r].set(v_rkh, mode="drop"))
+        keys.append(_write(k_segments, bounds, rows_r, write_at_r, k_rkh))
+        values.append(_write(v_segments, bounds, rows_r, write_at_r, v_rkh))
         x_rtd = _mlp(block, x_rtd + attention.project_out(y_rnh[:, None]))
     logits_rv = model.unembed(x_rtd)[:, 0].astype(jnp.float32)
     return logits_rv, KVCache(keys=tuple(keys), values=tuple(values))
@@ -204,8 +273,8 @@ def _after(y_bnh: jax.Array, arrays: tuple) -> tuple:
 
 def blockwise_attention(
     q_btnh: jax.Array,
-    k_bksh: jax.Array,
-    v_bksh: jax.Array,
+    k_bksh,
+    v_bksh,
     positions_bt: jax.Array,
     rows_b: jax.Array | None = None,
     *,
@@ -220,60 +289,74 @@ def blockwise_attention(
 
     Args:
       q_btnh: [B, T, N, H] queries, compute dtype.
-      k_bksh, v_bksh: [C, K, S, H] cache (already holding the queries' own keys).
+      k_bksh, v_bksh: [C, K, S, H] cache, or its segments [C, K, S_i, H] (already holding
+        the queries' own keys).
       positions_bt: [B, T] int32 position of each query (keys at or before it are seen).
       rows_b: [B] int32 cache row of each query row, in [0, C); default arange(B).
-      block: keys per loop step (min(block, S)).
+      block: keys per loop step (at most each segment's length).
 
     Returns:
       [B, T, N, H] in the dtype of v. Logits and softmax statistics are float32.
     """
+    keys = tuple(k_bksh) if isinstance(k_bksh, (list, tuple)) else (k_bksh,)
+    values = tuple(v_bksh) if isinstance(v_bksh, (list, tuple)) else (v_bksh,)
     b, t, n, h = q_btnh.shape
-    k, s = k_bksh.shape[1], k_bksh.shape[2]
+    k = keys[0].shape[1]
     g = n // k
-    block = min(block, s)
     rows_b = jnp.arange(b) if rows_b is None else rows_b
     q_bkgth = (q_btnh * jnp.asarray(h**-0.5, q_btnh.dtype)).reshape(b, t, k, g, h)
     q_bkgth = q_bkgth.transpose(0, 2, 3, 1, 4)
-    num_blocks = (jnp.max(positions_bt) + block) // block  # Blocks holding keys 0..max.
+    last = jnp.max(positions_bt)
     f32 = jnp.float32
-
-    def read(cache_cksh, start):  # [B, K, block, H] of each row's cache row from start.
-        def one(row):
-            return jax.lax.dynamic_slice(cache_cksh, (row, 0, start, 0), (1, k, block, h))[0]
-
-        return jax.vmap(one)(rows_b)
-
-    def step(i, carry):
-        max_bkgt, sum_bkgt, out_bkgth = carry
-        # The last block may be shifted back to fit; keys before i * block are done already.
-        start = jnp.minimum(i * block, s - block)
-        k_bkch, v_bkch = read(k_bksh, start), read(v_bksh, start)
-        logits_bkgtc = jnp.einsum("bkgth,bkch->bkgtc", q_bkgth, k_bkch, preferred_element_type=f32)
-        index_c = start + jnp.arange(block)
-        visible_btc = (index_c[None, None] <= positions_bt[:, :, None]) & (index_c >= i * block)[
-            None, None
-        ]
-        logits_bkgtc = jnp.where(visible_btc[:, None, None], logits_bkgtc, _MASK_VALUE)
-        new_max_bkgt = jnp.maximum(max_bkgt, jnp.max(logits_bkgtc, axis=-1))
-        probs_bkgtc = jnp.exp(logits_bkgtc - new_max_bkgt[..., None])
-        scale_bkgt = jnp.exp(max_bkgt - new_max_bkgt)
-        sum_bkgt = sum_bkgt * scale_bkgt + jnp.sum(probs_bkgtc, axis=-1)
-        update_bkgth = jnp.einsum(
-            "bkgtc,bkch->bkgth",
-            probs_bkgtc.astype(v_bksh.dtype),
-            v_bkch,
-            preferred_element_type=f32,
-        )
-        return new_max_bkgt, sum_bkgt, out_bkgth * scale_bkgt[..., None] + update_bkgth
-
-    init = (
+    carry = (
         jnp.full((b, k, g, t), _MASK_VALUE, f32),
         jnp.zeros((b, k, g, t), f32),
         jnp.zeros((b, k, g, t, h), f32),
     )
-    _, sum_bkgt, out_bkgth = jax.lax.fori_loop(0, num_blocks, step, init)
-    y_bkgth = (out_bkgth / sum_bkgt[..., None]).astype(v_bksh.dtype)
+    offset = 0
+    for k_seg, v_seg in zip(keys, values, strict=True):
+        size = k_seg.shape[2]
+        seg_block = min(block, size)
+
+        def read(cache_cksh, start, seg_block=seg_block):  # [B, K, block, H] from start.
+            def one(row):
+                shape = (1, k, seg_block, h)
+                return jax.lax.dynamic_slice(cache_cksh, (row, 0, start, 0), shape)[0]
+
+            return jax.vmap(one)(rows_b)
+
+        def step(i, carry, k_seg=k_seg, v_seg=v_seg, size=size, seg_block=seg_block,
+                 offset=offset, read=read):  # fmt: skip
+            max_bkgt, sum_bkgt, out_bkgth = carry
+            # The last block may be shifted back to fit; keys before i * block are done.
+            start = jnp.minimum(i * seg_block, size - seg_block)
+            k_bkch, v_bkch = read(k_seg, start), read(v_seg, start)
+            logits_bkgtc = jnp.einsum(
+                "bkgth,bkch->bkgtc", q_bkgth, k_bkch, preferred_element_type=f32
+            )
+            index_c = offset + start + jnp.arange(seg_block)
+            visible_btc = (index_c[None, None] <= positions_bt[:, :, None]) & (
+                index_c >= offset + i * seg_block
+            )[None, None]
+            logits_bkgtc = jnp.where(visible_btc[:, None, None], logits_bkgtc, _MASK_VALUE)
+            new_max_bkgt = jnp.maximum(max_bkgt, jnp.max(logits_bkgtc, axis=-1))
+            probs_bkgtc = jnp.exp(logits_bkgtc - new_max_bkgt[..., None])
+            scale_bkgt = jnp.exp(max_bkgt - new_max_bkgt)
+            sum_bkgt = sum_bkgt * scale_bkgt + jnp.sum(probs_bkgtc, axis=-1)
+            update_bkgth = jnp.einsum(
+                "bkgtc,bkch->bkgth",
+                probs_bkgtc.astype(v_seg.dtype),
+                v_bkch,
+                preferred_element_type=f32,
+            )
+            return new_max_bkgt, sum_bkgt, out_bkgth * scale_bkgt[..., None] + update_bkgth
+
+        # The segment's blocks that hold keys up to the last position (none past it).
+        count = jnp.clip((last - offset) // seg_block + 1, 0, -(-size // seg_block))
+        carry = jax.lax.fori_loop(0, count, step, carry)
+        offset += size
+    _, sum_bkgt, out_bkgth = carry
+    y_bkgth = (out_bkgth / sum_bkgt[..., None]).astype(values[0].dtype)
     return y_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
@@ -297,7 +380,7 @@ def extend(
       model: a Decoder (merged inside jit).
       tokens_rt: [R, T] int token ids (padding after the real tokens is harmless).
       start_r: [R] int32 position of each row's first new token.
-      cache: KVCache of [B, K, S, H] per layer.
+      cache: KVCache with B slots.
       slots_r: [R] int32 cache row (slot) of each token row; default arange(R). A slot >= B
         marks a padding row.
 
@@ -306,6 +389,7 @@ def extend(
     """
     r, t = tokens_rt.shape
     b, s = cache.num_slots, cache.max_len
+    bounds = cache.bounds
     slots_r = jnp.arange(r, dtype=jnp.int32) if slots_r is None else slots_r
     valid_r = slots_r < b
     positions_rt = start_r[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
@@ -316,18 +400,14 @@ def extend(
     write_slot_rt = jnp.broadcast_to(jnp.where(valid_r, slots_r, b)[:, None], (r, t))
     x_rtd = model.embed(tokens_rt, clipped_rt)
     keys, values = [], []
-    for block, k_bksh, v_bksh in zip(model.layers, cache.keys, cache.values, strict=True):
+    for block, k_segments, v_segments in zip(model.layers, cache.keys, cache.values, strict=True):
         attention = block.attention
         q_rtnh, k_rtkh, v_rtkh = attention.project_qkv(block.attention_norm(x_rtd), positions_rt)
         # cache[slot, :, position] = new[r, t]: the advanced indices come first, [R, T, K, H].
-        k_bksh = k_bksh.at[write_slot_rt, :, positions_rt].set(
-            k_rtkh.astype(k_bksh.dtype), mode="drop"
-        )
-        v_bksh = v_bksh.at[write_slot_rt, :, positions_rt].set(
-            v_rtkh.astype(v_bksh.dtype), mode="drop"
-        )
-        keys.append(k_bksh)
-        values.append(v_bksh)
-        y_rtnh = blockwise_attention(q_rtnh, k_bksh, v_bksh, attend_rt, read_r)
+        k_segments = _write(k_segments, bounds, write_slot_rt, positions_rt, k_rtkh)
+        v_segments = _write(v_segments, bounds, write_slot_rt, positions_rt, v_rtkh)
+        keys.append(k_segments)
+        values.append(v_segments)
+        y_rtnh = blockwise_attention(q_rtnh, k_segments, v_segments, attend_rt, read_r)
         x_rtd = _mlp(block, x_rtd + attention.project_out(y_rtnh))
     return x_rtd, KVCache(keys=tuple(keys), values=tuple(values))

@@ -47,10 +47,10 @@ from flax import nnx
 from research import sharding
 from research.errors import RequestError, UserError
 from research.serving.core import kv_cache
+from research.serving.core.kv_cache import key_buckets
 from research.serving.core.sampling import SamplingParams, SlotParams, choose_tokens, slot_params
 
 _MIN_BUCKET = 16  # Shortest prompt chunk compiled.
-_MIN_KEYS = 256  # Smallest key bucket of a decode call.
 
 
 @flax.struct.dataclass
@@ -99,15 +99,6 @@ def length_buckets(max_len: int) -> tuple[int, ...]:
     return (*buckets, max_len)
 
 
-def key_buckets(max_len: int) -> tuple[int, ...]:
-    """Cache positions a decode call may read: 256 x powers of four, then max_len."""
-    buckets, size = [], _MIN_KEYS
-    while size < max_len:
-        buckets.append(size)
-        size *= 4
-    return (*buckets, max_len)
-
-
 def row_buckets(num_slots: int) -> tuple[int, ...]:
     """Slots a decode call may run: powers of two, then num_slots."""
     buckets, size = [], 1
@@ -128,7 +119,9 @@ class Sampler:
       steps_per_call: decode steps per `generate` call.
       num_top_logprobs: N alternatives reported per token (0 = none).
       max_stop_tokens: stop token ids a request may give.
-      mesh: a (data, fsdp, tensor) mesh to run on; None = the default device.
+      mesh: a (data, fsdp, tensor) mesh to run on; None = the parameters' mesh if they are
+        placed on one, else the default device. Every call's state keeps the shardings the
+        mesh implies, so no call ever recompiles for a state placed differently.
     """
 
     def __init__(
@@ -153,6 +146,9 @@ class Sampler:
         for name, value in (("num_slots", num_slots), ("steps_per_call", steps_per_call)):
             if value < 1:
                 raise UserError(f"sampler {name}={value} must be >= 1.")
+        if mesh is None:  # Parameters already on a mesh (e.g. `load`'s one device): that one.
+            sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+            mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
         self.model_config = model_config
         self.graphdef = graphdef
         self.num_slots, self.max_len, self.steps_per_call = num_slots, max_len, steps_per_call
@@ -170,6 +166,7 @@ class Sampler:
             out_shardings=None if mesh is None else (shardings, None),
         )
         self._executables: dict[tuple[int, int], object] = {}
+        self._extend_executables: dict[tuple, object] = {}  # (rows, bucket, num_prompt_top)
         # Off (the engine): a decode call uses the smallest bucket compiled so far, never
         # compiling on the request path; on: it compiles the bucket it needs.
         self.compile_on_demand = True
@@ -440,6 +437,24 @@ class Sampler:
             )
             self._executables[(num_rows, num_keys)] = lowered.compile()
 
+    def compile_extend(self, bucket: int, num_prompt_top: int | None = None) -> None:
+        """Compiles the one-row `extend` of `bucket` tokens (with num_prompt_top: the one that
+        also scores every position) ahead of use; thread-safe, nothing runs."""
+        with self._compile_lock, self._context():
+            abstract_state = jax.eval_shape(self._init_state)
+            if self.mesh is not None:
+                abstract_state = jax.tree.map(
+                    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                    abstract_state,
+                    self._state_shardings(),
+                )
+            row, tokens = np.zeros((1,), np.int32), np.zeros((1, bucket), np.int32)
+            lowered = self._extend.lower(
+                self.params, abstract_state, tokens, row, row, row, tokens,
+                num_prompt_top=num_prompt_top,
+            )  # fmt: skip
+            self._extend_executables[(1, bucket, num_prompt_top)] = lowered.compile()
+
     def generate(
         self, state: DecodeState, *, num_rows: int = 0, num_keys: int = 0, num_steps: int = 0
     ) -> tuple[DecodeState, Tokens]:
@@ -517,17 +532,13 @@ class Sampler:
             slots_r[r], starts_r[r], num_real_r[r] = slot, start, len(tokens)
         if next_tokens is not None:
             next_rt[0, : len(next_tokens)] = next_tokens
+        args = (self.params, state, tokens_rt, slots_r, starts_r, num_real_r, next_rt)
+        executable = self._extend_executables.get((num_rows, bucket, num_prompt_top))
         with self._context():
-            state, scores = self._extend(
-                self.params,
-                state,
-                tokens_rt,
-                slots_r,
-                starts_r,
-                num_real_r,
-                next_rt,
-                num_prompt_top=num_prompt_top,
-            )
+            if executable is not None:  # Compiled ahead (compile_extend).
+                state, scores = executable(*args)
+            else:
+                state, scores = self._extend(*args, num_prompt_top=num_prompt_top)
         return state, None if scores is None else tuple(a[0] for a in scores)
 
     def activate(

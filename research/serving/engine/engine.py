@@ -308,11 +308,12 @@ class Engine:
     def _run(self) -> None:
         try:
             self._warm_up()
-            self._ready.set()
-            self._compiler = threading.Thread(
+            compiler = threading.Thread(
                 target=self._compile_rest, name="cirrus-compile", daemon=True
             )
-            self._compiler.start()
+            compiler.start()
+            self._compiler = compiler  # Started before ready: shutdown() may join it.
+            self._ready.set()
             while self._loop():
                 pass
         except Exception as error:  # noqa: BLE001 - reported to every request and /health.
@@ -356,14 +357,6 @@ class Engine:
             state, _ = sampler.extend(state, [(0, [0], 0)], bucket=bucket)
             if rows > 1:
                 state, _ = sampler.extend(state, [(0, [0], 0)], num_rows=rows, bucket=bucket)
-            if self.config.num_top_logprobs:
-                state, _ = sampler.extend(
-                    state,
-                    [(0, [0], 0)],
-                    bucket=bucket,
-                    next_tokens=[0],
-                    num_prompt_top=self.config.num_top_logprobs,
-                )
         request = SamplingParams(max_new_tokens=3, temperature=0)
         state, _ = sampler.activate(state, 0, [0], request)
         sampler.compile_bucket(sampler.row_buckets[-1], sampler.key_buckets[-1])
@@ -374,16 +367,22 @@ class Engine:
         self.scheduler.state = sampler.init_state()
 
     def _compile_rest(self) -> None:
-        """Compiles the smaller decode buckets in the background, smallest first; each is
-        used as soon as it is ready."""
-        for rows, keys in self.sampler.buckets():
-            if self._error is not None or self._closing:
-                return
-            try:
+        """Compiles the smaller decode buckets in the background, smallest first (each is
+        used as soon as it is ready), then the prefill that also scores every prompt
+        position (echo with logprobs: until it is compiled, the first such request compiles
+        it)."""
+        try:
+            for rows, keys in self.sampler.buckets():
+                if self._error is not None or self._closing:
+                    return
                 self.sampler.compile_bucket(rows, keys)
-            except Exception:  # noqa: BLE001 - the largest bucket still serves everything.
-                log.exception("compiling the decode bucket (%d, %d) failed", rows, keys)
-                return
+            if self.config.num_top_logprobs:
+                for bucket in length_buckets(self.scheduler.chunk):
+                    if self._error is not None or self._closing:
+                        return
+                    self.sampler.compile_extend(bucket, self.config.num_top_logprobs)
+        except Exception:  # noqa: BLE001 - the largest bucket still serves everything.
+            log.exception("compiling in the background failed")
 
     def _loop(self) -> bool:
         """One scheduler step with the queues synced. False = stop."""

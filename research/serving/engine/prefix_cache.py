@@ -71,12 +71,13 @@ class PrefixCache:
         _, k, _, h = spec.shape
         shape = (self.num_blocks, k, block, h)
         layers = range(model_config.num_layers)
-        self.pool = kv_cache.KVCache(
-            keys=tuple(jnp.zeros(shape, spec.dtype) for _ in layers),
-            values=tuple(jnp.zeros(shape, spec.dtype) for _ in layers),
+        # (keys, values), one [M, K, block, H] array per layer each.
+        self.pool = (
+            tuple(jnp.zeros(shape, spec.dtype) for _ in layers),
+            tuple(jnp.zeros(shape, spec.dtype) for _ in layers),
         )
         if mesh is not None:  # Blocks replicated, heads as in the slots' cache.
-            cache_spec = kv_cache.cache_sharding(mesh, model_config, 1, max_len).keys[0].spec
+            cache_spec = kv_cache.cache_sharding(mesh, model_config, 1, max_len).keys[0][0].spec
             pool_spec = jax.sharding.PartitionSpec(None, *tuple(cache_spec)[1:])
             self.pool = jax.device_put(self.pool, jax.sharding.NamedSharding(mesh, pool_spec))
         self._load = jax.jit(self._load_fn, donate_argnums=0)
@@ -155,29 +156,39 @@ class PrefixCache:
         """cache rows [slot, :, :num_tokens] = the pooled blocks indices_m, in order."""
         s, m, blk = self.max_len, self.blocks_per_slot, self.block
 
-        def load(c_bksh, p_mkbh):
+        def load(segments, p_mkbh):
             _, k, _, h = p_mkbh.shape
             blocks_kmbh = p_mkbh[indices_m].transpose(1, 0, 2, 3)
             row_ksh = blocks_kmbh.reshape(k, m * blk, h)[:, :s]
-            old_1ksh = jax.lax.dynamic_slice_in_dim(c_bksh, slot, 1)
-            keep_s = jnp.arange(s) < num_tokens
-            new_1ksh = jnp.where(keep_s[None, None, :, None], row_ksh[None], old_1ksh)
-            return jax.lax.dynamic_update_slice_in_dim(c_bksh, new_1ksh, slot, 0)
+            out = []
+            for c_bksh, (start, end) in zip(segments, kv_cache.segment_bounds(s), strict=True):
+                old_1ksh = jax.lax.dynamic_slice_in_dim(c_bksh, slot, 1)
+                keep_s = jnp.arange(start, end) < num_tokens
+                new_1ksh = jnp.where(
+                    keep_s[None, None, :, None], row_ksh[None, :, start:end], old_1ksh
+                )
+                out.append(jax.lax.dynamic_update_slice_in_dim(c_bksh, new_1ksh, slot, 0))
+            return tuple(out)
 
-        return jax.tree.map(load, cache, pool)
+        keys = tuple(load(c, p) for c, p in zip(cache.keys, pool[0], strict=True))
+        values = tuple(load(c, p) for c, p in zip(cache.values, pool[1], strict=True))
+        return kv_cache.KVCache(keys=keys, values=values)
 
     def _store_fn(self, pool, cache, slot, indices_m):
         """pool[indices_m[i]] = block i of the slot's row (index num_blocks = skip)."""
         s, m, blk = self.max_len, self.blocks_per_slot, self.block
 
-        def store(p_mkbh, c_bksh):
-            row_ksh = jax.lax.dynamic_slice_in_dim(c_bksh, slot, 1)[0]
+        def store(p_mkbh, segments):
+            pieces = [jax.lax.dynamic_slice_in_dim(c, slot, 1)[0] for c in segments]
+            row_ksh = jnp.concatenate(pieces, axis=1)  # [K, S, H]
             k, _, h = row_ksh.shape
             row_ksh = jnp.pad(row_ksh, ((0, 0), (0, m * blk - s), (0, 0)))
             blocks_mkbh = row_ksh.reshape(k, m, blk, h).transpose(1, 0, 2, 3)
             return p_mkbh.at[indices_m].set(blocks_mkbh, mode="drop")
 
-        return jax.tree.map(store, pool, cache)
+        keys = tuple(store(p, c) for p, c in zip(pool[0], cache.keys, strict=True))
+        values = tuple(store(p, c) for p, c in zip(pool[1], cache.values, strict=True))
+        return keys, values
 
     def load(self, cache: kv_cache.KVCache, slot: int, chain: list[_Block]) -> kv_cache.KVCache:
         """Copies the matched blocks into `slot`'s rows 0..len(chain)*block (cache donated)."""
