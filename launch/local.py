@@ -15,11 +15,18 @@ after `--grace_s` SIGKILL of each host's process group. A supervisor restarts th
 to `--failure_budget` times; a user error (1) is never retried. SIGTERM or Ctrl-C to the
 launcher forwards SIGTERM to every host (they save and exit 42) and does not restart.
 
+Hosts never outlive the launcher: each is started with the kernel's parent-death signal
+(SIGTERM when the launcher dies, even by SIGKILL: the host saves and exits), a second SIGTERM
+or Ctrl-C to the launcher SIGKILLs every host's process group at once, and a new launch.local
+on the same workdir reads `pids.json` and stops any host an earlier launcher left behind (pid
++ command line match), or refuses, naming it, while that launcher still runs.
+
 Exit code: the job's (0 done, 42 preempted, 1 user error, 128+N killed by signal N), never 255.
 Everything after `--` goes to every launch.train process unchanged.
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -156,6 +163,74 @@ def _pump(stream, host: int, path: str, lock: threading.Lock):
     stream.close()
 
 
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+    _LIBC.prctl  # noqa: B018 - Linux only; elsewhere hosts rely on pids.json cleanup.
+except (OSError, AttributeError):
+    _LIBC = None
+
+
+def _die_with_launcher() -> None:
+    """Runs in each host between fork and exec: SIGTERM when the launcher dies."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def command_line(pid: int) -> str | None:
+    """A live process's command line (space-joined), None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError:  # No /proc (macOS): ask ps.
+        result = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True)
+        return result.stdout.decode(errors="replace").strip() or None
+
+
+def stop_leftovers(logs: str, workdir: str, grace_s: float, log=print) -> list[int]:
+    """Stops the hosts an earlier launch.local on this workdir left running (pids.json; a pid
+    counts only while its command line is launch.train on this workdir). Refuses, naming
+    it, while the launcher that started them still runs. Returns the pids it stopped."""
+    path = os.path.join(logs, "pids.json")
+    try:
+        with open(path) as pid_file:
+            record = json.load(pid_file)
+    except (OSError, ValueError):
+        return []
+    launcher = record.get("launcher_pid")
+    if isinstance(launcher, int) and launcher != os.getpid():
+        line = command_line(launcher)
+        if line and "launch.local" in line:
+            raise UserError(
+                f"launch.local pid {launcher} is still running a job in this workdir ({path}): "
+                f"{line.strip()[:200]}. Stop it first (kill {launcher}: its hosts save and "
+                "exit), or use another --workdir."
+            )
+    leftovers = []
+    for pid in record.get("pids", []):
+        line = command_line(pid) if isinstance(pid, int) else None
+        if line and "launch.train" in line and f"--workdir={workdir}" in line:
+            leftovers.append(pid)
+    if not leftovers:
+        return []
+    log(
+        f"launch.local: stopping host processes {leftovers} left running by an earlier "
+        f"launcher of this workdir (run {record.get('run_id')}, attempt {record.get('attempt')})"
+    )
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(command_line(pid) for pid in leftovers):
+        time.sleep(0.1)
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    return leftovers
+
+
 def start_job(command, num_hosts, devices_per_host, run_id, logs, attempt) -> Job:
     os.makedirs(logs, exist_ok=True)
     port = free_port()
@@ -174,16 +249,23 @@ def start_job(command, num_hosts, devices_per_host, run_id, logs, attempt) -> Jo
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # Its own process group: killpg reaches its children.
+            preexec_fn=_die_with_launcher,
         )
         reader = threading.Thread(target=_pump, args=(process.stdout, host, path, lock))
         reader.daemon = True
         reader.start()
         processes.append(process)
         readers.append(reader)
-    with open(os.path.join(logs, "pids.json"), "w") as pid_file:
-        json.dump(
-            {"run_id": run_id, "attempt": attempt, "pids": [p.pid for p in processes]}, pid_file
-        )
+    record = {
+        "run_id": run_id,
+        "attempt": attempt,
+        "launcher_pid": os.getpid(),
+        "pids": [p.pid for p in processes],  # Each also its process group's id.
+    }
+    path = os.path.join(logs, "pids.json")
+    with open(path + ".tmp", "w") as pid_file:
+        json.dump(record, pid_file)
+    os.replace(path + ".tmp", path)
     return Job(processes, readers, [None] * num_hosts, [])
 
 
@@ -210,10 +292,12 @@ def stop_job(job: Job, grace_s: float, log=print):
 
 
 class _StopRequest:
-    """SIGTERM / SIGINT to the launcher: forward a preemption notice, do not restart."""
+    """SIGTERM / SIGINT to the launcher: forward a preemption notice, do not restart; a
+    second one: kill every host now."""
 
     def __init__(self):
         self.requested = False
+        self.count = 0
 
     def install(self):
         signal.signal(signal.SIGTERM, self._handle)
@@ -222,6 +306,7 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.count += 1
 
 
 def wait_job(job: Job, grace_s: float, stop: _StopRequest, log=print) -> int:
@@ -246,11 +331,17 @@ def wait_job(job: Job, grace_s: float, stop: _StopRequest, log=print) -> int:
         if all(code is not None for code in job.codes):
             _signal_groups(job, signal.SIGKILL)  # Leftover children, if any.
             return job_code(job.codes, job.order)
+        if stop.count > 1:
+            log("launch.local: second stop request; killing every host's process group")
+            stop_job(job, 0.0, log)
+            _fill_codes(job)
+            return job_code(job.codes, job.order)
         if stop.requested and forwarded_at is None:
-            log("launch.local: stop requested; sending SIGTERM to every host")
+            log("launch.local: stop requested; sending SIGTERM to every host's process group")
             for process in job.processes:
                 if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(process.pid, signal.SIGTERM)
             forwarded_at = time.monotonic()
         started = min(t for t in (forwarded_at, preempted_at, float("inf")) if t is not None)
         if time.monotonic() - started > grace_s:
@@ -290,7 +381,10 @@ def supervise(
             f"{devices_per_host} devices; logs in {logs}"
         )
         job = start_job(command, num_hosts, devices_per_host, run_id, logs, attempt)
-        code = wait_job(job, grace_s, stop, log)
+        try:
+            code = wait_job(job, grace_s, stop, log)
+        finally:  # Whatever ends the wait, no host outlives it.
+            _signal_groups(job, signal.SIGKILL)
         for reader in job.readers:
             reader.join(timeout=5)
         log(f"launch.local: attempt {attempt} ended with code {code} (hosts: {job.codes})")
@@ -327,6 +421,7 @@ def main(argv):
         log=_log,
     )
     run_id = RUN_ID.value or default_run_id(workdir)
+    stop_leftovers(log_dir(workdir, run_id), workdir, GRACE_S.value, log=_log)
     command = (
         [sys.executable, "-m", "launch.train", f"--workdir={workdir}"]
         + [f"--gin_file={path}" for path in cli.GIN_FILES.value]

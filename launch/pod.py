@@ -12,9 +12,16 @@ workers that differ abort the launch); run its `run` mode on every worker, which
 from <workdir>/logs; delete the queued resource after a successful run (unless
 --keep_resource).
 
-The per-worker script (launch/pod_script.py) is idempotent (a pid file per run id), clears
-stale holders of the TPU and the libtpu lock file, and maps exit codes so that ssh never exits
-255 (gcloud re-runs such a command): 0, 1 and 42 pass through, anything else becomes 2.
+What is shipped: the files `git ls-files` lists, plus the job's gin files and --ship paths,
+never a file matching SECRET_PATTERNS (.env, keys, credentials); the dry run prints the
+tarball's file count and size and what it left out. Run ids, names, zones, projects and the
+workdir are checked against what gcloud accepts, and every value in the worker script or the
+remote command is shell-quoted.
+
+The per-worker script (launch/pod_script.py) is idempotent (an flock per run id), stops only
+launch.train processes an earlier Cirrus job left behind (pid file + command line), and maps
+exit codes so that ssh never exits 255 (gcloud re-runs such a command): 0, 1 and 42 pass
+through, anything else becomes 2.
 
 Supervisor: a run ending in 42 / 137 / 143, or failing while the queued resource is no longer
 ACTIVE (a preempted spot slice), is restarted (the resource recreated when needed) up to
@@ -25,6 +32,7 @@ stay the same, so every restart resumes from the last checkpoint.
 """
 
 import dataclasses
+import fnmatch
 import hashlib
 import io
 import os
@@ -60,6 +68,24 @@ DEFAULT_RUNTIME = {
 }
 DEFAULT_SETUP = "python3 -m pip install --quiet -r requirements.txt 'jax[tpu]'"
 
+# What reaches a gcloud argv, a remote command or the worker script is checked against these
+# (what gcloud accepts for each) before anything is rendered; values are also shell-quoted.
+RUN_ID_PATTERN = r"[a-z0-9](?:[-a-z0-9]{0,42}[a-z0-9])?"
+NAME_PATTERN = r"[a-z](?:[-a-z0-9]{0,50}[a-z0-9])?"
+ZONE_PATTERN = r"[a-z][-a-z0-9]{0,62}"
+PROJECT_PATTERN = r"[a-z][-a-z0-9.:]{0,62}"
+RUNTIME_PATTERN = r"[A-Za-z0-9][-A-Za-z0-9._]{0,62}"
+WORKDIR_PATTERN = r"gs://[a-z0-9][-a-z0-9_.]{1,221}(?:/[A-Za-z0-9._~/=+@,:-]*)?"
+
+# Never shipped to workers, whatever git tracks (fnmatch on each path component).
+SECRET_PATTERNS = (
+    ".env", ".env.*", "*.env", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks",
+    "*.keystore", "*.kdbx", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", ".netrc",
+    ".pypirc", ".npmrc", ".git-credentials", ".dockercfg", "credentials*", "*credentials.json",
+    "*service*account*.json", "application_default_credentials.json", "*.tfstate", "secrets.*",
+    "*api_keys*", "*.secret", "*.secrets",
+)  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class PodJob:
@@ -89,8 +115,22 @@ def default_run_id(workdir: str) -> str:
     return "pod-" + hashlib.sha1(workdir.encode()).hexdigest()[:10]
 
 
+def _check(flag: str, value, pattern: str, rule: str) -> None:
+    if not isinstance(value, str) or not re.fullmatch(pattern, value):
+        raise UserError(f"--{flag}={value!r} is not accepted: {rule}")
+
+
 def validate(
-    tpu, zone, project, workdir, name, gin_files, gin_bindings, provisioning_flags=()
+    tpu,
+    zone,
+    project,
+    workdir,
+    name,
+    gin_files,
+    gin_bindings,
+    provisioning_flags=(),
+    run_id="pod-x",
+    runtime_version="",
 ) -> TpuType:
     """Every check that can fail before anything is created; returns the slice's type."""
     tpu_type = tpu_lib.lookup(tpu)
@@ -103,11 +143,30 @@ def validate(
             f"--workdir={workdir} must be a gs:// path: every TPU worker reads and writes it "
             "(e.g. --workdir=gs://my-bucket/runs/demo)."
         )
-    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,50}[a-z0-9])?", name):
-        raise UserError(
-            f"--name={name} must be lowercase letters, digits and hyphens, start with a "
-            "letter, at most 52 characters."
-        )
+    _check("zone", zone, ZONE_PATTERN, "a zone is lowercase letters, digits and hyphens.")
+    _check(
+        "project", project, PROJECT_PATTERN,
+        "a project id is lowercase letters, digits, hyphens (and a domain prefix 'x.com:').",
+    )  # fmt: skip
+    _check(
+        "workdir", workdir, WORKDIR_PATTERN,
+        "gs://<bucket>/<path> with letters, digits and . _ ~ / = + @ , : - only (no spaces, "
+        "quotes or shell characters).",
+    )  # fmt: skip
+    _check(
+        "run_id", run_id, RUN_ID_PATTERN,
+        "lowercase letters, digits and hyphens, at most 44 characters, not starting or "
+        "ending with a hyphen.",
+    )  # fmt: skip
+    _check(
+        "name", name, NAME_PATTERN,
+        "lowercase letters, digits and hyphens, start with a letter, at most 52 characters.",
+    )  # fmt: skip
+    if runtime_version:
+        _check(
+            "runtime_version", runtime_version, RUNTIME_PATTERN,
+            "a TPU runtime version such as v2-alpha-tpuv5.",
+        )  # fmt: skip
     if sum(bool(f) for f in provisioning_flags) > 1:
         raise UserError("--spot, --reserved and --best_effort exclude each other; pick one.")
     gin_config.parse(gin_files, gin_bindings)
@@ -171,7 +230,7 @@ def scp_argv(job: PodJob, tarball: str, script: str) -> list[str]:
 
 
 def ssh_argv(job: PodJob, mode: str) -> list[str]:
-    command = f"bash ~/{job.stage}.sh {mode}"
+    command = f"bash ~/{shlex.quote(job.stage + '.sh')} {shlex.quote(mode)}"
     return [
         "gcloud", "compute", "tpus", "tpu-vm", "ssh", job.name, "--worker=all",
         f"--command={command}", *_where(job),
@@ -210,17 +269,93 @@ def render_script(job: PodJob) -> str:
     return pod_script.render_script(job, train_argv(job))
 
 
-def code_tarball(root: str = gin_config.ROOT) -> bytes:
-    """The repository (without .git, .venv, workdir, caches) as a .tar.gz."""
-    skip = {".git", ".venv", "workdir", "__pycache__", ".pytest_cache", ".ruff_cache"}
+def is_secret(path: str) -> bool:
+    """True for a path any of whose components matches SECRET_PATTERNS."""
+    parts = path.replace(os.sep, "/").split("/")
+    return any(fnmatch.fnmatch(part, p) for part in parts for p in SECRET_PATTERNS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shipment:
+    """What goes to the workers: repo-relative paths, and what was left out and why."""
+
+    files: tuple
+    secrets: tuple  # Tracked (or named) files refused as secrets.
+    untracked: tuple  # Files git does not track (and does not ignore): not shipped.
+
+
+def shipped_files(root: str = gin_config.ROOT, extras=()) -> Shipment:
+    """The files `git ls-files` lists, plus `extras` (repo-relative paths: the job's gin files
+    and --ship), minus anything matching SECRET_PATTERNS."""
+
+    def git(*args) -> list[str]:
+        try:
+            result = subprocess.run(
+                ["git", "-C", root, "ls-files", "-z", *args], capture_output=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise UserError(
+                f"{root} is not a git checkout (or git is missing: {error}); launch.pod ships "
+                "exactly the files `git ls-files` lists. Run it from a git clone of the repo."
+            ) from None
+        return [p for p in result.stdout.decode().split("\0") if p]
+
+    tracked = git("--cached")
+    named = []
+    for extra in extras:
+        path = os.path.relpath(os.path.join(root, extra), root)
+        if path.startswith(".."):
+            raise UserError(f"--ship={extra} is outside the repository {root}; copy it in.")
+        if not os.path.isfile(os.path.join(root, path)):
+            raise UserError(f"--ship={extra}: no such file under {root}.")
+        if is_secret(path):
+            raise UserError(
+                f"--ship={extra} looks like a secret (matches one of {SECRET_PATTERNS}); "
+                "launch.pod never ships secrets. Pass credentials through the workers' "
+                "environment or a secret manager."
+            )
+        named.append(path)
+    files, secrets = set(), set()
+    for path in tracked + named:
+        if not os.path.isfile(os.path.join(root, path)):
+            continue  # Deleted in the work tree, or a submodule.
+        (secrets if is_secret(path) else files).add(path)
+    untracked = [p for p in git("--others", "--exclude-standard") if p not in files]
+    return Shipment(tuple(sorted(files)), tuple(sorted(secrets)), tuple(sorted(untracked)))
+
+
+def code_tarball(root: str = gin_config.ROOT, extras=()) -> tuple[bytes, Shipment]:
+    """The shipped files (`shipped_files`) as a .tar.gz, and the shipment it holds."""
+    shipment = shipped_files(root, extras)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for directory, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in skip)
-            for filename in sorted(filenames):
-                path = os.path.join(directory, filename)
-                tar.add(path, arcname=os.path.relpath(path, root), recursive=False)
-    return buffer.getvalue()
+        for path in shipment.files:
+            tar.add(os.path.join(root, path), arcname=path, recursive=False)
+    return buffer.getvalue(), shipment
+
+
+def job_extras(job: PodJob, ship=(), root: str = gin_config.ROOT) -> list[str]:
+    """The job's gin files that live in the repository, plus --ship: shipped even when git
+    does not track them (a new config not yet committed)."""
+    extras = [path for path in job.gin_files if os.path.isfile(os.path.join(root, path))]
+    return extras + list(ship)
+
+
+def describe_shipment(tarball: bytes, shipment: Shipment) -> list[str]:
+    """Comment lines saying what the tarball holds and what it leaves out."""
+    lines = [
+        f"# code tarball: {len(shipment.files)} files, {len(tarball) / 1e6:.2f} MB compressed "
+        "(git ls-files + the job's gin files + --ship)"
+    ]
+    if shipment.secrets:
+        lines.append(f"# not shipped, secret-like: {', '.join(shipment.secrets)}")
+    if shipment.untracked:
+        shown = ", ".join(shipment.untracked[:10])
+        more = f" and {len(shipment.untracked) - 10} more" if len(shipment.untracked) > 10 else ""
+        lines.append(
+            f"# not shipped, untracked by git: {shown}{more} (git add them, or --ship=PATH)"
+        )
+    return lines
 
 
 # ----------------------------------------------------------------------------- running
@@ -247,8 +382,9 @@ def plan(job: PodJob, paths: Paths) -> list[tuple[str, list[str]]]:
     ]
 
 
-def dry_run_text(job: PodJob, paths: Paths) -> str:
+def dry_run_text(job: PodJob, paths: Paths, shipment_lines=()) -> str:
     lines = [f"# launch.pod dry run: {job.tpu} {job.name} run {job.run_id}; nothing is run."]
+    lines += list(shipment_lines)
     for label, argv in plan(job, paths):
         lines.append(f"# {label}")
         lines.append(shlex.join(argv))
@@ -378,7 +514,12 @@ def _define_flags(flag_values=flags.FLAGS) -> dict:
         backend=f.DEFINE_enum("backend", "tpu_vm", ["tpu_vm", "xpk"], "Where the job runs."),
         cluster=f.DEFINE_string("cluster", None, "GKE cluster (--backend=xpk)."),
         docker_image=f.DEFINE_string("docker_image", None, "Image with the code (xpk)."),
-        setup_command=f.DEFINE_string("setup_command", DEFAULT_SETUP, "Run on each worker."),
+        setup_command=f.DEFINE_string(
+            "setup_command", DEFAULT_SETUP, "A shell command run on each worker before training."
+        ),
+        ship=f.DEFINE_multi_string(
+            "ship", [], "A repo file git does not track to ship as well (secrets are refused)."
+        ),
         preemption_budget=f.DEFINE_integer("preemption_budget", 3, "Restarts after preemption."),
         failure_budget=f.DEFINE_integer("failure_budget", 0, "Restarts after other failures."),
         keep_resource=f.DEFINE_bool("keep_resource", False, "Do not delete it after success."),
@@ -399,7 +540,16 @@ def build_job(v: dict, workdir: str, gin_files, gin_bindings, train_args) -> tup
     provisioning_flags = (v["spot"], v["reserved"], v["best_effort"])
     tpu = tpu_lib.canonical_name(v["tpu"] or "")
     validate(
-        tpu, v["zone"], v["project"], workdir, name, gin_files, gin_bindings, provisioning_flags
+        tpu,
+        v["zone"],
+        v["project"],
+        workdir,
+        name,
+        gin_files,
+        gin_bindings,
+        provisioning_flags,
+        run_id=run_id,
+        runtime_version=v["runtime_version"] or "",
     )
     provisioning = "standard"
     for label, chosen in zip(("spot", "reserved", "best_effort"), provisioning_flags, strict=True):
@@ -438,12 +588,14 @@ def main(argv):
         argv_xpk = xpk_argv(job, v["cluster"], v["docker_image"], v["preemption_budget"])
         print(shlex.join(argv_xpk), flush=True)
         sys.exit(0 if v["dry_run"] else min(Runner().call(argv_xpk), 254))
+    tarball, shipment = code_tarball(extras=job_extras(job, v.get("ship", ())))
     if v["dry_run"]:
-        print(dry_run_text(job, paths), flush=True)
+        print(dry_run_text(job, paths, describe_shipment(tarball, shipment)), flush=True)
         return 0
+    print("\n".join(describe_shipment(tarball, shipment)), flush=True)
     os.makedirs(paths.logs, exist_ok=True)
     with open(paths.tarball, "wb") as out:
-        out.write(code_tarball())
+        out.write(tarball)
     with open(paths.script, "w") as out:
         out.write(render_script(job))
     code = supervise(

@@ -4,31 +4,35 @@
                                           jaxlib, libtpu, code hash (compared across workers)
   bash ~/cirrus-<run id>.sh run           starts launch.train, or waits for the one running
 
-The script is idempotent (a pid file per run id: a second start waits for the first and
-reports its exit code), clears stale holders of /dev/accel* and /dev/vfio and the libtpu lock
-file, and maps exit codes so that ssh never exits 255 (gcloud re-runs such a command): 0, 1
-and 42 pass through, anything else becomes 2.
+The script is idempotent (an flock per run id: a second start waits for the first and
+reports its exit code), stops launch.train processes that an earlier Cirrus job left behind
+(pid file + command line; other holders of /dev/accel* are named, never killed), clears the
+libtpu lock file when nothing holds the TPU, and maps exit codes so that ssh never exits 255
+(gcloud re-runs such a command): 0, 1 and 42 pass through, anything else becomes 2.
 """
 
 import json
+import re
 import shlex
 
 from launch import distributed
 from research.errors import UserError
 
 _SCRIPT = r"""#!/bin/bash
-# Cirrus per-worker script for run @RUN_ID@ (rendered by launch/pod_script.py).
-#   bash @STAGE@.sh fingerprint   print this worker's environment fingerprint (one JSON line)
-#   bash @STAGE@.sh run           start launch.train (or wait for the one already running)
+# Cirrus per-worker script for run @RUN_ID_Q@ (rendered by launch/pod_script.py).
+#   bash <this script> fingerprint   print this worker's environment fingerprint (one JSON line)
+#   bash <this script> run           start launch.train (or wait for the one already running)
 # Exit codes: 0 done, 1 user error, 42 preempted, 2 anything else; never 255 (ssh's own).
 set -u
 RUN_ID=@RUN_ID_Q@
 WORKDIR=@WORKDIR_Q@
 PYTHON=@PYTHON_Q@
-STAGE="$HOME/@STAGE@"
+SETUP=@SETUP_Q@
+STAGE="$HOME"/@STAGE_Q@
 CODE_DIR="$STAGE/code"
 STATE_DIR="/tmp/cirrus/$RUN_ID"
-PID_FILE="$STATE_DIR/pid"
+LOCK_FILE="$STATE_DIR/lock"
+TRAIN_PID_FILE="$STATE_DIR/train_pid"
 EXIT_FILE="$STATE_DIR/exit_code"
 LOG_FILE="$STATE_DIR/train.log"
 mkdir -p "$STATE_DIR"
@@ -46,27 +50,48 @@ worker_id() {
     2>/dev/null || hostname
 }
 
-running_pid() {
-  local pid
-  pid=$(cat "$PID_FILE" 2>/dev/null) || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
-}
-
 unpack() {
   rm -rf "$CODE_DIR" && mkdir -p "$CODE_DIR" && tar xzf "$STAGE.tar.gz" -C "$CODE_DIR"
 }
 
+# A launch.train that an earlier Cirrus job on this worker started (its pid in
+# /tmp/cirrus/<run>/train_pid, its command line still launch.train, its run's lock free: the
+# script that started it is gone) is stopped: SIGTERM (it saves), SIGKILL 30 s later. Any
+# other holder of the TPU is named and left alone.
 clear_stale_tpu_holders() {
-  local dev pid
+  local file pid cmd dev holder busy=0 lock
+  for file in /tmp/cirrus/*/train_pid; do
+    [ -f "$file" ] || continue
+    pid=$(cat "$file" 2>/dev/null)
+    case "$pid" in ''|*[!0-9]*) rm -f "$file"; continue ;; esac
+    cmd=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null) || { rm -f "$file"; continue; }
+    case "$cmd" in *" -m launch.train "*) ;; *) rm -f "$file"; continue ;; esac
+    lock="$(dirname "$file")/lock"
+    if [ "$lock" != "$LOCK_FILE" ] && [ -e "$lock" ] && ! flock -n "$lock" true; then
+      echo "cirrus: pid $pid ($file) belongs to a Cirrus job still running; not stopping it"
+      continue
+    fi
+    echo "cirrus: stopping pid $pid, left by an earlier Cirrus job ($file): $cmd"
+    kill -TERM "$pid" 2>/dev/null || sudo kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "cirrus: pid $pid still running 30 s after SIGTERM; SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || sudo kill -KILL "$pid" 2>/dev/null
+    fi
+    rm -f "$file"
+  done
   for dev in /dev/accel* /dev/vfio/*; do
     [ -e "$dev" ] || continue
-    for pid in $(sudo lsof -t "$dev" 2>/dev/null || sudo fuser "$dev" 2>/dev/null); do
-      [ "$pid" = "$$" ] && continue
-      echo "cirrus: killing stale holder $pid of $dev"
-      sudo kill -9 "$pid" 2>/dev/null || true
+    for holder in $(sudo lsof -t "$dev" 2>/dev/null || sudo fuser "$dev" 2>/dev/null); do
+      [ "$holder" = "$$" ] && continue
+      echo "cirrus: pid $holder ($(ps -o args= -p "$holder" 2>/dev/null)) holds $dev and was" \
+        "not started by Cirrus; not killing it (stop it, or training cannot open the TPU)"
+      busy=1
     done
   done
-  sudo rm -f /tmp/libtpu_lockfile 2>/dev/null || rm -f /tmp/libtpu_lockfile
+  if [ "$busy" = 0 ]; then
+    sudo rm -f /tmp/libtpu_lockfile 2>/dev/null || rm -f /tmp/libtpu_lockfile
+  fi
 }
 
 fingerprint() {
@@ -95,35 +120,42 @@ print("CIRRUS_FINGERPRINT " + json.dumps({
 EOF
 }
 
+# One instance per run id on a worker: the first holds an flock on $LOCK_FILE (fd 9) while it
+# runs; a second start (gcloud re-running the ssh command) waits for it and reports its code.
 run() {
-  local pid code worker
-  if pid=$(running_pid); then
-    echo "cirrus: run $RUN_ID already running as pid $pid; waiting for it"
-    while kill -0 "$pid" 2>/dev/null; do sleep 2; done
+  local code worker train_pid
+  exec 9>>"$LOCK_FILE"
+  if ! flock -n 9; then
+    echo "cirrus: run $RUN_ID already running on this worker; waiting for it"
+    flock 9
     code=$(cat "$EXIT_FILE" 2>/dev/null || echo 2)
     return "$(map_exit_code "$code")"
   fi
-  echo $$ > "$PID_FILE"
   rm -f "$EXIT_FILE"
   unpack || return 2
   cd "$CODE_DIR" || return 2
-  @SETUP@ || { echo "cirrus: setup failed"; return 2; }
+  bash -c "$SETUP" 9>&- || { echo "cirrus: setup failed"; return 2; }
   clear_stale_tpu_holders
   worker=$(worker_id)
   fingerprint | sed 's/^CIRRUS_FINGERPRINT //' \
     | gcloud storage cp - "$WORKDIR/fingerprints/worker_$worker.json" >/dev/null 2>&1 || true
   export @DISTRIBUTED@=auto @RUN_ID_VAR@="$RUN_ID" PYTHONUNBUFFERED=1
-  @TRAIN@ 2>&1 | tee -a "$LOG_FILE"
-  code=${PIPESTATUS[0]}
+  @TRAIN@ > >(tee -a "$LOG_FILE") 2>&1 9>&- &
+  train_pid=$!
+  echo "$train_pid" > "$TRAIN_PID_FILE"
+  wait "$train_pid"
+  code=$?
+  rm -f "$TRAIN_PID_FILE"
   echo "$code" > "$EXIT_FILE"
   gcloud storage cp "$LOG_FILE" "$WORKDIR/logs/worker_$worker.log" >/dev/null 2>&1 || true
-  rm -f "$PID_FILE"
   return "$(map_exit_code "$code")"
 }
 
 case "${1:-run}" in
   fingerprint)
-    if ! running_pid >/dev/null; then unpack || exit 2; fi
+    exec 9>>"$LOCK_FILE"
+    if flock -n 9; then unpack || exit 2; fi  # Never under a running job's feet.
+    exec 9>&-
     fingerprint || exit 2 ;;
   run) run; exit $? ;;
   *) echo "usage: $0 fingerprint|run"; exit 2 ;;
@@ -133,23 +165,21 @@ esac
 
 def render_script(job, train_command: list[str]) -> str:
     """The script for `job` (a launch.pod.PodJob) that runs `train_command` (an argv whose
-    first element is job.python) on every worker."""
+    first element is job.python) on every worker. Every value is shell-quoted (launch.pod
+    also validates run ids, names and paths first); --setup_command is run by `bash -c`."""
     train = shlex.join(train_command).replace(shlex.quote(job.python), '"$PYTHON"', 1)
     replacements = {
         "@RUN_ID_Q@": shlex.quote(job.run_id),
         "@WORKDIR_Q@": shlex.quote(job.workdir),
         "@PYTHON_Q@": shlex.quote(job.python),
-        "@RUN_ID@": job.run_id,
-        "@STAGE@": job.stage,
-        "@SETUP@": job.setup_command or "true",
+        "@SETUP_Q@": shlex.quote(job.setup_command or "true"),
+        "@STAGE_Q@": shlex.quote(job.stage),
         "@DISTRIBUTED@": distributed.DISTRIBUTED,
         "@RUN_ID_VAR@": distributed.RUN_ID,
         "@TRAIN@": train,
     }
-    script = _SCRIPT
-    for key, value in replacements.items():
-        script = script.replace(key, value)
-    return script
+    # One pass: a value that happens to contain a placeholder is never substituted again.
+    return re.sub(r"@[A-Z_]+@", lambda match: replacements[match.group()], _SCRIPT)
 
 
 def compare_fingerprints(output: str) -> list[dict]:

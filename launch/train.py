@@ -19,7 +19,7 @@ from etils import epath
 from launch import cli, distributed
 from launch import config as gin_config
 from research import storage
-from research.checkpoint import CheckpointConfig, checkpoint_dir
+from research.checkpoint import CheckpointConfig, checkpoint_dir, move_aside
 from research.data import DataConfig, ensure_prepared
 from research.errors import UserError
 from research.model import ModelConfig
@@ -31,7 +31,10 @@ SAMPLE_PROMPT = flags.DEFINE_string(
 )
 SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 96, "New tokens in the final sample.")
 FRESH = flags.DEFINE_bool(
-    "fresh", False, "Delete the workdir's checkpoints and start from step 0 instead of resuming."
+    "fresh",
+    False,
+    "Start from step 0 instead of resuming: the workdir's checkpoints (ckpt/) are moved aside "
+    "to ckpt.old-<UTC time>/ next to them, not deleted.",
 )
 INIT_FROM = flags.DEFINE_string(
     "init_from",
@@ -105,11 +108,10 @@ def main(argv):
     init_params = _init_from(INIT_FROM.value) if INIT_FROM.value else None
     model_config, train_config, prepared = prepare_run(workdir)
     checkpoint_config = gin_config.build(CheckpointConfig)
-    if FRESH.value and distributed.is_chief() and epath.Path(checkpoint_dir(workdir)).exists():
-        _log(f"--fresh: deleting {checkpoint_dir(workdir)}")
-        epath.Path(checkpoint_dir(workdir)).rmtree()
+    if FRESH.value and distributed.is_chief():
+        _move_checkpoints_aside(workdir)
     if FRESH.value:
-        distributed.barrier("fresh")  # No host restores while the chief deletes.
+        distributed.barrier("fresh")  # No host restores while the chief moves the old steps.
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     task_eval = _task_eval(train_config, model_config, prepared)
     try:
@@ -150,6 +152,16 @@ def main(argv):
         f"tensorboard  tensorboard --logdir {os.path.join(workdir, 'tensorboard')}\n"
         f"loss curve   {os.path.join(workdir, 'plots', 'loss.png')}"
     )
+
+
+def _move_checkpoints_aside(workdir: str) -> None:
+    """--fresh: the old steps go to ckpt.old-<UTC time>/, so the run starts at step 0."""
+    directory = checkpoint_dir(workdir)
+    if not epath.Path(directory).exists():
+        _log(f"--fresh: no checkpoints in {directory}; starting at step 0")
+        return
+    moved = move_aside(directory)
+    _log(f"--fresh: moved the old checkpoints {directory} to {moved}; starting at step 0")
 
 
 def _host_params(params):

@@ -10,6 +10,7 @@ from research.checkpoint.manager import (
     Checkpointer,
     abstract_with_shardings,
     checkpoint_dir,
+    move_aside,
     restore_latest_usable,
 )
 from research.checkpoint.pretrained import Pretrained, load_pretrained, save_as_run
@@ -23,6 +24,7 @@ __all__ = [
     "load_hf",
     "load_model",
     "load_pretrained",
+    "move_aside",
     "param_shardings",
     "abstract_with_shardings",
     "checkpoint_dir",

@@ -313,7 +313,9 @@ class SafetensorsTensors(Mapping):
         if os.path.isfile(index):
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-            self._files = {name: os.path.join(directory, file) for name, file in weight_map.items()}
+            self._files = {
+                name: _confined(directory, index, name, file) for name, file in weight_map.items()
+            }
         else:
             files = sorted(
                 os.path.join(directory, name)
@@ -358,6 +360,25 @@ class SafetensorsTensors(Mapping):
             self._safetensors.safe_open(path, framework="flax") as f,
         ):
             return np.asarray(f.get_tensor(name), dtype=np.float32)
+
+
+def _confined(directory: str, index: str, name: str, file) -> str:
+    """The path of `index`'s weight_map entry `name: file`, refused (UserError) unless it lies
+    inside `directory`: no absolute paths, no `..` and no symlinks out of it. The Hugging Face
+    cache's exception: a snapshots/<revision>/ file may link into the repository's blobs/."""
+    root = os.path.realpath(directory)
+    roots = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":  # hub/models--x/snapshots/<rev>
+        roots.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    if isinstance(file, str) and not os.path.isabs(file) and file:
+        resolved = os.path.realpath(os.path.join(root, file))
+        if any(os.path.commonpath([r, resolved]) == r for r in roots if resolved != r):
+            return os.path.join(directory, file)
+    raise UserError(
+        f"{index}: the weight_map entry {name!r} -> {file!r} points outside the model directory "
+        f"{directory}; each weight file must be a relative path inside it (no absolute path, "
+        f"'..' or symlink out of it). Fix the index file or download the model again."
+    )
 
 
 def read_config(directory: str) -> dict:

@@ -84,6 +84,9 @@ def param_shardings(model_config: ModelConfig, mesh):
 def load_model(workdir: str, *, step: int | None = None, mesh=None, log=print) -> LoadedModel:
     """The parameters of the latest usable (or given) step of a run, plus its tokenizer.
 
+    A step is usable when its metadata and its parameters both read back; an unusable latest
+    step is skipped with a message through `log` (see restore_latest_usable).
+
     `mesh` defaults to one device; pass a (data, fsdp, tensor) mesh to load sharded.
     """
     checkpointer = Checkpointer(workdir, CheckpointConfig(async_save=False))
@@ -95,19 +98,33 @@ def load_model(workdir: str, *, step: int | None = None, mesh=None, log=print) -
         )
     if step is not None and step not in steps:
         raise UserError(f"step {step} is not in {checkpointer.directory}; saved steps: {steps}.")
-    meta = checkpointer.read_meta(step if step is not None else steps[-1])
-    model_config = ModelConfig(**meta["model_config"])
     if mesh is None:
         mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    graphdef, abstract, shardings = param_shardings(model_config, mesh)
-    target = abstract_with_shardings(abstract, shardings)
-    if step is not None:
-        params = checkpointer.restore_params(step, target)
-    else:
-        step, params = restore_latest_usable(
-            checkpointer, lambda s: checkpointer.restore_params(s, target), log=log
-        )
-    checkpointer.close()
+
+    def restore(s):
+        """The step's metadata, then its parameters in the shape that the metadata names."""
+        meta = checkpointer.read_meta(s)
+        model_config = ModelConfig(**meta["model_config"])
+        graphdef, abstract, shardings = param_shardings(model_config, mesh)
+        params = checkpointer.restore_params(s, abstract_with_shardings(abstract, shardings))
+        return meta, model_config, graphdef, params
+
+    try:
+        if step is not None:
+            try:
+                restored = restore(step)
+            except Exception as error:  # Corruption shows up as many exception types.
+                raise UserError(
+                    f"step {step} in {checkpointer.directory} is unreadable "
+                    f"({type(error).__name__}: {str(error)[:300]}); pick another of the saved "
+                    f"steps {steps}, or leave the step unset to use the latest usable one."
+                ) from error
+        else:
+            # A step whose metadata or parameters are unreadable falls back to an older one.
+            step, restored = restore_latest_usable(checkpointer, restore, log=log)
+    finally:
+        checkpointer.close()
+    meta, model_config, graphdef, params = restored
     tokenizer_dir = epath.Path(workdir) / "tokenizer"
     tokenizer = Tokenizer.load(local_copy(tokenizer_dir)) if tokenizer_dir.exists() else None
     return LoadedModel(

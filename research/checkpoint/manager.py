@@ -19,6 +19,7 @@ run beside the training step's collectives.
 """
 
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -29,6 +30,8 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from research import storage
@@ -53,6 +56,31 @@ def checkpoint_dir(workdir: str) -> str:
     if "://" not in str(workdir):
         workdir = os.path.abspath(workdir)
     return os.path.join(workdir, "ckpt")
+
+
+def move_aside(directory: str, *, now: datetime.datetime | None = None) -> str:
+    """Renames `directory` (ckpt) to a sibling `ckpt.old-<UTC time>` (e.g.
+    ckpt.old-20261205-034500) and returns the new path; nothing is deleted. Local paths, gs://
+    and s3:// (no rename there: every object is copied, then the original removed)."""
+    source = epath.Path(directory)
+    stamp = _utc_stamp(now)
+    return _rename_to_free(source, source.parent / f"{source.name}.old-{stamp}")
+
+
+def _utc_stamp(now: datetime.datetime | None = None) -> str:
+    return (now or datetime.datetime.now(datetime.UTC)).strftime("%Y%m%d-%H%M%S")
+
+
+def _rename_to_free(source: epath.Path, target: epath.Path) -> str:
+    """Renames source to target, or to target-2, target-3... when that name is taken."""
+    if str(source).startswith("s3://"):
+        storage.configure_s3()
+    base, number = target, 2
+    while target.exists():
+        target = base.parent / f"{base.name}-{number}"
+        number += 1
+    storage.move_tree(source, target)
+    return str(target)
 
 
 def _handlers():
@@ -208,6 +236,24 @@ class Checkpointer:
         args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
         return self.manager.restore(step, args=args)["params"]
 
+    def set_aside(self, steps, log=logging.warning) -> None:
+        """Moves `steps` (ones that would not restore) out of the directory, each to a sibling
+        `ckpt.unusable-step<N>-<UTC time>`: the run saves those steps again, and `keep` never
+        keeps them over newer good steps. Nothing is deleted. The chief moves them, then every
+        process rereads the directory."""
+        self._join()
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            stamp = _utc_stamp()
+            root = epath.Path(self.directory)
+            for step in steps:
+                target = root.parent / f"{root.name}.unusable-step{step}-{stamp}"
+                moved = _rename_to_free(root / str(step), target)
+                log(f"moved the unusable checkpoint step {step} aside to {moved}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("cirrus-set-aside-unusable-steps")
+        self.manager.reload()
+
     def close(self):
         self._join()
         self.manager.wait_until_finished()
@@ -246,16 +292,19 @@ def abstract_with_shardings(abstract_tree, shardings):
 def restore_latest_usable(checkpointer: Checkpointer, restore_fn, log=logging.warning):
     """Calls restore_fn(step) on the newest step, falling back to older ones on failure.
 
-    A truncated or deleted array file makes Orbax raise; the step is skipped with a warning
-    that names the error. Returns (step, result), or (None, None) when there are no steps.
-    Raises UserError when steps exist but none can be restored: never start from scratch
-    silently.
+    A truncated or deleted file (of the arrays or of the `meta` JSON, where restore_fn reads
+    it) makes Orbax raise; the step is skipped with a warning that names the error. A UserError
+    from restore_fn (a user's mistake, such as a different model shape) is raised as it is.
+    Returns (step, result), or (None, None) when there are no steps. Raises UserError when
+    steps exist but none can be restored: never start from scratch silently.
     """
     steps = checkpointer.all_steps()
     errors = []
     for step in reversed(steps):
         try:
             return step, restore_fn(step)
+        except UserError:
+            raise
         except Exception as error:  # Corruption shows up as many exception types.
             message = f"{type(error).__name__}: {str(error)[:300]}"
             errors.append(f"step {step}: {message}")
@@ -267,8 +316,8 @@ def restore_latest_usable(checkpointer: Checkpointer, restore_fn, log=logging.wa
         raise UserError(
             f"no usable checkpoint in {checkpointer.directory}:\n  "
             + "\n  ".join(errors)
-            + "\nRepair or remove the directory, or pass --fresh to start over (this deletes "
-            "nothing but ignores the old steps)."
+            + "\nRepair or remove the directory, or pass --fresh to start over (it deletes "
+            "nothing: it moves the old steps aside to a ckpt.old-<UTC time>/ next to them)."
         )
     return None, None
 

@@ -33,6 +33,7 @@ SPLITS = ("train", "validation", "test")
 TEXT_SPLITS = ("validation", "test")  # Evaluation needs their raw text (bytes per token).
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+LOGS_DIR = "logs"  # launch.prepare_data's library log (launch/cli.py), kept across a publish.
 _ENCODE_CHUNK = 2048  # Documents per encode_batch call (one progress line each).
 _NOT_OURS = (
     "{out_dir} exists, holds other files and is not prepared data; choose a new or empty "
@@ -266,7 +267,16 @@ def _publish(temp_dir: str, out_dir: str) -> None:
     if os.path.exists(out_dir):
         if not _is_unfinished_preparation(out_dir):
             raise UserError(_NOT_OURS.format(out_dir=out_dir))
-        shutil.rmtree(out_dir)  # Left by an interrupted run: no manifest, so never used.
+        # Left by an interrupted run (no manifest, so never used), or only the entry point's
+        # logs/: everything but logs/ goes, then the new files move in, the manifest last.
+        for name in os.listdir(out_dir):
+            if name != LOGS_DIR:
+                path = os.path.join(out_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        for name in sorted(os.listdir(temp_dir), key=lambda name: name == MANIFEST_FILE):
+            os.replace(os.path.join(temp_dir, name), os.path.join(out_dir, name))
+        os.rmdir(temp_dir)
+        return
     try:
         os.rename(temp_dir, out_dir)
     except OSError:
@@ -278,7 +288,8 @@ def _is_unfinished_preparation(directory: str) -> bool:
     """True if every entry of `directory` is one that preparation writes (safe to delete)."""
     if not os.path.isdir(directory):
         return False
-    ours = {TOKENIZER_DIR, MANIFEST_FILE + ".tmp"} | {f"{name}.jsonl" for name in TEXT_SPLITS}
+    ours = {TOKENIZER_DIR, LOGS_DIR, MANIFEST_FILE + ".tmp"}
+    ours |= {f"{name}.jsonl" for name in TEXT_SPLITS}
     return all(
         name in ours or name.endswith((".array_record", ".lengths.npy"))
         for name in os.listdir(directory)

@@ -351,11 +351,31 @@ def train(
 
 
 def _resume(checkpointer, trainer, state, iterator, model_config, log):
-    """Restores the latest usable checkpoint into `state` (resharding onto this mesh)."""
-    latest = checkpointer.latest_step()
-    if latest is None:
+    """Restores the latest usable checkpoint into `state` (resharding onto this mesh).
+
+    A step is usable when its metadata, parameters, optimizer state and data position all read
+    back; the newest usable one wins (see restore_latest_usable)."""
+    if checkpointer.latest_step() is None:
         return state
-    saved = checkpointer.read_meta(latest).get("model_config", {})
+    abstract = abstract_with_shardings(state, trainer.shardings)
+
+    def restore(step):
+        _check_same_shape(checkpointer, checkpointer.read_meta(step), model_config)
+        return checkpointer.restore(step, abstract, iterator)
+
+    step, restored = restore_latest_usable(checkpointer, restore, log=log)
+    params, opt_state = restored
+    unusable = [s for s in checkpointer.all_steps() if s > step]
+    if unusable:  # Else saving those steps again fails, and `keep` would keep them.
+        checkpointer.set_aside(unusable, log=log)
+    log(f"resumed from step {step} in {checkpointer.directory}")
+    step_array = jax.device_put(jnp.asarray(step, jnp.int32), trainer.shardings.step)
+    return TrainState(step=step_array, params=params, opt_state=opt_state)
+
+
+def _check_same_shape(checkpointer, meta: dict, model_config: ModelConfig) -> None:
+    """A UserError listing the model.* shape fields where the saved run differs from this one."""
+    saved = meta.get("model_config", {})
     current = dumps_config(model_config)
     differ = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     shape_fields = {
@@ -381,16 +401,9 @@ def _resume(checkpointer, trainer, state, iterator, model_config, log):
         )
         raise UserError(
             f"{checkpointer.directory} holds a run of a different model shape:\n{lines}\n"
-            "Use a new --workdir, restore the old settings, or pass --fresh to start over."
+            "Use a new --workdir, restore the old settings, or pass --fresh to start over "
+            "(it moves the old steps aside to a ckpt.old-<UTC time>/ next to them)."
         )
-    abstract = abstract_with_shardings(state, trainer.shardings)
-    step, restored = restore_latest_usable(
-        checkpointer, lambda s: checkpointer.restore(s, abstract, iterator), log=log
-    )
-    params, opt_state = restored
-    log(f"resumed from step {step} in {checkpointer.directory}")
-    step_array = jax.device_put(jnp.asarray(step, jnp.int32), trainer.shardings.step)
-    return TrainState(step=step_array, params=params, opt_state=opt_state)
 
 
 def _with_params(trainer, state, params):

@@ -4,6 +4,7 @@ The workdir may be local or remote (gs://, s3://): files go through etils.epath.
 TensorBoard events are staged in a local directory and copied up on flush and close.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -12,8 +13,10 @@ import tempfile
 import time
 
 import numpy as np
+from absl import logging
 from etils import epath
 
+from research.errors import UserError
 from research.storage import is_remote, upload_dir
 
 
@@ -66,7 +69,7 @@ class MetricsWriter:
             return
         self._summary.flush()
         if is_remote(self.workdir):
-            self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in self._records))
+            write_records(self.jsonl_path, self._records)
             upload_dir(self._local_tensorboard, self.tensorboard_dir)
         self._last_flush = time.time()
 
@@ -83,20 +86,69 @@ def _plain(value):
 
 
 def read_metrics(jsonl_path) -> list[dict]:
+    """The records of metrics.jsonl. A torn last line (a run killed mid-write) is dropped with a
+    warning; a bad line before it is a UserError naming the file and the line."""
     path = epath.Path(jsonl_path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for index, line in enumerate(lines[: last + 1]):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as error:
+            if index == last:
+                logging.warning(
+                    "%s: dropping its torn last line %d (%s): %r",
+                    path,
+                    index + 1,
+                    error,
+                    line[:200],
+                )
+                break
+            raise UserError(
+                f"{path} line {index + 1} is not valid JSON ({error}); it is not the last line, so "
+                f"it is not a write cut short. Fix or delete that line (or move the file aside) "
+                f"and run again."
+            ) from None
+    return records
 
 
 def truncate_metrics(jsonl_path, step: int) -> None:
-    """Drops records after `step` (all of them when step == 0): a resumed run appends from its
-    checkpoint, so the log matches an uninterrupted run step for step."""
+    """Drops records after `step` (all of them when step == 0), and a torn last line: a resumed
+    run appends from its checkpoint, so the log matches an uninterrupted run step for step."""
     path = epath.Path(jsonl_path)
     if not path.exists():
         return
     kept = [r for r in read_metrics(path) if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_records(path, kept)
+
+
+def write_records(jsonl_path, records: list[dict]) -> None:
+    """Replaces the file with `records` atomically: readers and a crash see the old file or the
+    new one, never half of one. Local files: a temporary file in the same directory, then
+    os.replace. gs:// and s3://: one object upload, which the store commits whole."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if is_remote(jsonl_path):
+        epath.Path(jsonl_path).write_text(text)
+        return
+    directory, name = os.path.split(os.path.abspath(jsonl_path))
+    mode = os.stat(jsonl_path).st_mode & 0o777 if os.path.exists(jsonl_path) else 0o644
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        os.chmod(temporary, mode)  # mkstemp's file is 0600; keep the file's own mode.
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, jsonl_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
 
 def plot_loss_curve(jsonl_path, png_path) -> str | None:

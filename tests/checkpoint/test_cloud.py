@@ -1,11 +1,19 @@
 """gs:// workdirs against a real GCS emulator (fake-gcs-server) on 127.0.0.1."""
 
+import datetime
+
 import jax
 import numpy as np
 import pytest
 from etils import epath
 
-from research.checkpoint import CheckpointConfig, Checkpointer, load_model
+from research.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    checkpoint_dir,
+    load_model,
+    move_aside,
+)
 from research.errors import UserError
 from research.train import TrainConfig, train
 from tests.checkpoint.test_resume import MODEL, corpus, data_dir  # noqa: F401
@@ -59,3 +67,21 @@ def test_train_resume_and_load_on_gcs(gcs, data_dir):  # noqa: F811
 def test_missing_bucket_is_a_clear_error(gcs):
     with pytest.raises(UserError, match="bucket gs://no-such-bucket does not exist"):
         Checkpointer("gs://no-such-bucket/run", CheckpointConfig())
+
+
+def test_move_aside_on_gcs(gcs, data_dir):  # noqa: F811
+    """--fresh on gs://: no rename there, so every object is copied, then the original removed."""
+    workdir = "gs://bucket/runs/fresh"
+    checkpoint = CheckpointConfig(save_every=2, keep=2)
+    train(
+        MODEL, _config(2), data_dir=data_dir, workdir=workdir, log=lambda _: None,
+        checkpoint=checkpoint,
+    )  # fmt: skip
+    now = datetime.datetime(2026, 12, 5, 3, 45, 0, tzinfo=datetime.UTC)
+    moved = move_aside(checkpoint_dir(workdir), now=now)
+    assert moved == "gs://bucket/runs/fresh/ckpt.old-20261205-034500"
+    assert (epath.Path(moved) / "2" / "commit_success.txt").exists()
+    assert not epath.Path(checkpoint_dir(workdir)).exists()
+    checkpointer = Checkpointer(workdir, checkpoint)
+    assert checkpointer.all_steps() == []
+    checkpointer.close()

@@ -332,3 +332,50 @@ def test_llama3_rope_frequencies_match_transformers():
 def test_bad_rope_scaling_is_a_user_error():
     with pytest.raises(UserError, match="rope_scaling_factor"):
         EXPORTS["llama"].replace(rope_scaling_factor=0.5)
+
+
+def _indexed(directory, weight_map: dict) -> str:
+    """A model directory whose index maps tensors to `weight_map`'s files; returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return str(directory)
+
+
+@pytest.mark.parametrize(
+    "file", ["../outside.safetensors", "shards/../../outside.safetensors", "/abs.safetensors"]
+)
+def test_index_entry_outside_the_model_directory_is_refused(file, tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "outside.safetensors"))
+    model = _indexed(tmp_path / "model", {"w": file})
+    with pytest.raises(UserError, match="outside the model directory") as error:
+        hf.SafetensorsTensors(model)
+    assert repr(file) in str(error.value) and "'w'" in str(error.value)
+    assert "model.safetensors.index.json" in str(error.value)
+
+
+def test_index_entry_symlinked_out_of_the_model_directory_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "outside.safetensors"))
+    model = _indexed(tmp_path / "model", {"w": "model-1.safetensors"})
+    os.symlink(tmp_path / "outside.safetensors", tmp_path / "model" / "model-1.safetensors")
+    with pytest.raises(UserError, match="'model-1.safetensors' points outside"):
+        hf.SafetensorsTensors(model)
+
+
+def test_index_entries_inside_and_hugging_face_cache_links_load(tmp_path):
+    from safetensors.numpy import save_file
+
+    # The hub cache: snapshots/<revision>/ files are symlinks into the repository's blobs/.
+    repo = tmp_path / "models--org--name"
+    os.makedirs(repo / "blobs")
+    save_file({"a": np.ones(2, np.float32)}, str(repo / "blobs" / "0123abcd"))
+    model = _indexed(repo / "snapshots" / "rev", {"a": "model-1.safetensors", "b": "sub/b.st"})
+    os.symlink("../../blobs/0123abcd", repo / "snapshots" / "rev" / "model-1.safetensors")
+    os.makedirs(repo / "snapshots" / "rev" / "sub")
+    save_file({"b": np.zeros(3, np.float32)}, str(repo / "snapshots" / "rev" / "sub" / "b.st"))
+    tensors = hf.SafetensorsTensors(model)
+    np.testing.assert_array_equal(tensors["a"], np.ones(2, np.float32))
+    np.testing.assert_array_equal(tensors["b"], np.zeros(3, np.float32))

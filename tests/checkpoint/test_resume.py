@@ -5,6 +5,7 @@ import functools
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,10 @@ from research.checkpoint import (
     CheckpointConfig,
     Checkpointer,
     abstract_with_shardings,
+    checkpoint_dir,
+    load,
     load_model,
+    move_aside,
     restore_latest_usable,
 )
 from research.data import DataConfig, make_dataset, prepare_data
@@ -148,6 +152,60 @@ def test_sigterm_saves_exits_42_and_resumes(corpus, tmp_path):
     assert f"saved a checkpoint at step {last_logged}" in stdout
 
 
+def test_fresh_moves_the_old_steps_aside_and_starts_at_step_0(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    first = subprocess.run(
+        _command(workdir, corpus, tmp_path / "c", 3), cwd=ROOT, env=_env(),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    old_losses = _losses(workdir)
+    fresh = subprocess.run(
+        _command(workdir, corpus, tmp_path / "c", 3) + ["--fresh"], cwd=ROOT, env=_env(),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    (old,) = glob.glob(str(workdir / "ckpt.old-*"))
+    assert re.fullmatch(r"ckpt\.old-\d{8}-\d{6}", os.path.basename(old))
+    assert f"--fresh: moved the old checkpoints {workdir / 'ckpt'} to {old}" in fresh.stdout
+    assert "resumed from step" not in fresh.stdout
+    assert os.path.isfile(os.path.join(old, "3", "commit_success.txt"))  # The old step, kept.
+    assert sorted(_losses(workdir)) == [1, 2, 3]  # Started at step 0 ...
+    assert _losses(workdir) == old_losses  # ... from the same initialization and data.
+    checkpointer = Checkpointer(str(workdir), CheckpointConfig())
+    assert checkpointer.all_steps() == [3]
+    checkpointer.close()
+
+
+def test_move_aside_renames_to_a_free_utc_stamped_sibling(tmp_path):
+    import datetime
+
+    import flax
+    import grain
+    import jax.numpy as jnp
+
+    @flax.struct.dataclass
+    class State:
+        params: dict
+        opt_state: dict
+
+    now = datetime.datetime(2026, 12, 5, 3, 45, 0, tzinfo=datetime.UTC)
+    moved = []
+    for _ in range(2):
+        checkpointer = Checkpointer(str(tmp_path), CheckpointConfig())
+        iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+        checkpointer.save(1, State({"w": jnp.ones(3)}, {"m": jnp.zeros(2)}), iterator, {})
+        checkpointer.close()
+        moved.append(move_aside(checkpoint_dir(str(tmp_path)), now=now))
+    assert moved == [
+        str(tmp_path / "ckpt.old-20261205-034500"),
+        str(tmp_path / "ckpt.old-20261205-034500-2"),
+    ]
+    assert not (tmp_path / "ckpt").exists()
+    for path in moved:
+        assert os.path.isfile(os.path.join(path, "1", "commit_success.txt"))
+
+
 def test_reshard_on_restore(data_dir, tmp_path):
     devices = jax.devices()
     config = TrainConfig(
@@ -216,6 +274,36 @@ def test_corrupt_latest_step_falls_back_with_a_warning(data_dir, tmp_path):
             os.remove(path)
     with pytest.raises(UserError, match="no usable checkpoint"):
         _train_steps(data_dir, tmp_path, 6)
+
+
+def test_unreadable_meta_of_the_latest_step_falls_back_with_a_warning(data_dir, tmp_path):
+    _train_steps(data_dir, tmp_path, 4)
+    step_2 = jax.tree.leaves(load_model(str(tmp_path), step=2, log=lambda _: None).params)
+    with open(tmp_path / "ckpt" / "4" / "meta" / "metadata", "r+b") as f:
+        f.truncate(10)  # A meta JSON cut short.
+    warnings = []
+    loaded = load(str(tmp_path), log=warnings.append)  # What launch.sample calls.
+    assert loaded.step == 2 and loaded.model_config == MODEL
+    for leaf, want in zip(jax.tree.leaves(loaded.params), step_2, strict=True):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+    assert any("step 4" in w and "unusable" in w for w in warnings)
+    with pytest.raises(UserError, match=r"step 4 in .* is unreadable"):
+        load_model(str(tmp_path), step=4)
+    # Resuming training falls back the same way, and moves step 4 aside to save it again.
+    lines = []
+    _, state, _ = _train_steps(data_dir, tmp_path, 6, log=lines.append)
+    assert "resumed from step 2" in "\n".join(lines) and int(state.step) == 6
+    assert any("step 4" in line and "unusable" in line for line in lines)
+    (aside,) = glob.glob(str(tmp_path / "ckpt.unusable-step4-*"))
+    assert os.path.getsize(os.path.join(aside, "meta", "metadata")) == 10
+    checkpointer = Checkpointer(str(tmp_path), CheckpointConfig())
+    assert checkpointer.all_steps() == [2, 4, 6]
+    checkpointer.close()
+    # No step readable: a clear error, never a silent fresh start.
+    for step in (2, 4, 6):
+        (tmp_path / "ckpt" / str(step) / "meta" / "metadata").write_text("")
+    with pytest.raises(UserError, match=r"(?s)no usable checkpoint.*step 2: JSONDecodeError"):
+        load(str(tmp_path), log=warnings.append)
 
 
 def test_half_written_step_is_ignored(data_dir, tmp_path):

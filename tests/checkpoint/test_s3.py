@@ -1,5 +1,6 @@
 """s3:// workdirs against a real S3 server (moto, its own process) on 127.0.0.1."""
 
+import datetime
 import subprocess
 
 import botocore.session
@@ -18,7 +19,9 @@ from research.checkpoint import (
     CheckpointConfig,
     Checkpointer,
     abstract_with_shardings,
+    checkpoint_dir,
     load_model,
+    move_aside,
     restore_latest_usable,
 )
 from research.errors import UserError
@@ -250,3 +253,21 @@ def test_launch_train_refuses_a_missing_bucket_before_creating_it(s3):
     with pytest.raises(UserError, match="bucket s3://typo-bucket does not exist"):
         prepare_run("s3://typo-bucket/run")
     assert not epath.Path("s3://typo-bucket").exists()  # Not created by a mkdir.
+
+
+def test_move_aside_keeps_every_object(s3):
+    """--fresh on s3://: no rename there, so every object is copied, then the original removed."""
+    workdir = "s3://bucket/fresh"
+    checkpointer = Checkpointer(workdir, CheckpointConfig(async_save=False))
+    checkpointer.save(1, State({"w": jnp.ones(4)}, {"m": jnp.zeros(2)}), _iterator(), {})
+    checkpointer.close()
+    before = sorted(key.removeprefix("fresh/ckpt/") for key in _keys("fresh/ckpt/"))
+    now = datetime.datetime(2026, 12, 5, 3, 45, 0, tzinfo=datetime.UTC)
+    moved = move_aside(checkpoint_dir(workdir), now=now)
+    assert moved == "s3://bucket/fresh/ckpt.old-20261205-034500"
+    prefix = "fresh/ckpt.old-20261205-034500/"
+    assert sorted(key.removeprefix(prefix) for key in _keys(prefix)) == before
+    assert "1/commit_success.txt" in before and _keys("fresh/ckpt/") == []
+    checkpointer = Checkpointer(workdir, CheckpointConfig())
+    assert checkpointer.all_steps() == []
+    checkpointer.close()

@@ -84,6 +84,8 @@ def test_interrupted_preparation_is_not_used_and_is_redone(corpus, tmp_path):
     out_dir = tmp_path / "data"
     (out_dir / "tokenizer").mkdir(parents=True)
     (out_dir / "train-00000-of-00002.array_record").write_bytes(b"partial")
+    (out_dir / "logs").mkdir()  # launch.prepare_data's own log, written from its start.
+    (out_dir / "logs" / "prepare_data.log").write_text("INFO started\n")
     (tmp_path / ".data.partial-abc").mkdir()  # A killed run's temp dir: ignored.
     with pytest.raises(UserError, match="no manifest.json"):
         load_prepared(str(out_dir))
@@ -92,6 +94,8 @@ def test_interrupted_preparation_is_not_used_and_is_redone(corpus, tmp_path):
     assert "data: using prepared data" not in lines[0]
     assert len(read_split(prepared.directory, "train")) == prepared.num_documents("train")
     assert sorted(os.listdir(tmp_path)) == [".data.partial-abc", "data"]
+    assert (out_dir / "logs" / "prepare_data.log").read_text() == "INFO started\n"
+    assert b"partial" not in (out_dir / "train-00000-of-00002.array_record").read_bytes()
 
 
 def test_directory_with_other_files_is_refused(corpus, tmp_path):

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -265,3 +266,57 @@ def test_four_hosts_see_every_device(data, tmp_path):
         assert f"[host {host}] jax.distributed: process {host}/4" in output
     assert "on 8 cpu devices, 4 process(es)" in output
     assert "(hosts: [0, 0, 0, 0])" in output
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_leaves_no_host_behind(data, tmp_path):
+    """SIGKILL of launch.local itself (no handler runs): the hosts get the parent-death
+    signal, save, and exit."""
+    workdir = tmp_path / "orphaned"
+    process = _launch(workdir, BASE + data, "--grace_s=3")
+    _wait_for(workdir / "logs" / "host_0.log", f"step 3/{NUM_STEPS}")
+    pids = _pids(workdir)
+    process.kill()
+    process.communicate(timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(local.command_line(p) for p in pids):
+        time.sleep(0.2)
+    assert not [p for p in pids if local.command_line(p)]
+
+
+def _sleeper(*argv):
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", *argv], start_new_session=True
+    )
+    threading.Thread(target=process.wait, daemon=True).start()  # Reaped once killed.
+    return process
+
+
+def test_a_new_launcher_stops_hosts_an_earlier_one_left(tmp_path):
+    workdir, logs = str(tmp_path / "run"), tmp_path / "run" / "logs"
+    logs.mkdir(parents=True)
+    hosts = [_sleeper("-m", "launch.train", f"--workdir={workdir}") for _ in range(2)]
+    stranger = _sleeper("-m", "launch.train", "--workdir=/elsewhere")  # Not this workdir's.
+    dead_launcher = subprocess.Popen(["true"])
+    dead_launcher.wait()
+    pids = [p.pid for p in (*hosts, stranger)]
+    record = {"run_id": "r", "attempt": 0, "launcher_pid": dead_launcher.pid, "pids": pids}
+    (logs / "pids.json").write_text(json.dumps(record))
+    messages = []
+    try:
+        assert local.stop_leftovers(str(logs), workdir, 5.0, log=messages.append) == pids[:2]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(h.poll() is None for h in hosts):
+            time.sleep(0.05)
+        assert all(h.poll() is not None for h in hosts)
+        assert stranger.poll() is None
+        assert f"stopping host processes {pids[:2]}" in messages[0]
+        # While the launcher that started them still runs, refuse and name it.
+        launcher = _sleeper("-m", "launch.local", f"--workdir={workdir}")
+        (logs / "pids.json").write_text(json.dumps(dict(record, launcher_pid=launcher.pid)))
+        with pytest.raises(UserError, match=f"launch.local pid {launcher.pid} is still running"):
+            local.stop_leftovers(str(logs), workdir, 5.0)
+        launcher.kill()
+    finally:
+        for process in (*hosts, stranger):
+            process.kill()

@@ -1,14 +1,19 @@
 """launch.pod: gcloud argv, the per-worker script, validation, the supervisor, and the real
 gcloud CLI fed the generated commands against a fake TPU REST API on 127.0.0.1."""
 
+import dataclasses
+import io
 import json
 import os
+import re
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -45,6 +50,7 @@ def make_job(**changes) -> pod.PodJob:
 def test_dry_run_prints_exact_argv_and_script_without_gcloud(tmp_path):
     empty_path = tmp_path / "bin"
     empty_path.mkdir()
+    (empty_path / "git").symlink_to(shutil.which("git"))  # git, and no gcloud.
     result = subprocess.run(
         [sys.executable, "-m", "launch.pod", "--tpu=v5p-64", "--zone=us-east5-a"]
         + ["--project=proj", "--spot", "--name=cirrus-test", "--run_id=pod-test"]
@@ -84,6 +90,10 @@ def test_dry_run_prints_exact_argv_and_script_without_gcloud(tmp_path):
     )
     assert "/tmp/libtpu_lockfile" in script and "/dev/accel*" in script
     assert not os.path.exists("/tmp/cirrus-pod/pod-test/cirrus-pod-test.sh")
+    (tarball,) = [line for line in lines if line.startswith("# code tarball: ")]
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    count = sum(os.path.isfile(os.path.join(ROOT, p)) for p in tracked.stdout.splitlines())
+    assert tarball.startswith(f"# code tarball: {count} files, ")
 
 
 def test_provisioning_flags_and_xpk():
@@ -184,6 +194,7 @@ def worker(tmp_path):
         bin_dir / "python",
         '#!/bin/bash\nif [ "$2" = launch.train ]; then\n'
         f'  echo "$@" "$CIRRUS_DISTRIBUTED" "$CIRRUS_RUN_ID" > {tmp_path}/train_call\n'
+        f'  printf "%s\\0" "$@" > {tmp_path}/train_argv\n'
         '  exit "$FAKE_CODE"\nfi\nexec python3 "$@"\n',
     )
     for stub in ("sudo", "gcloud", "curl"):
@@ -208,7 +219,7 @@ def test_script_maps_exit_codes(worker, code, mapped):
     assert call.startswith("-m launch.train --workdir=gs://bucket/run")
     assert call.rstrip().endswith(f"auto {job.run_id}")
     assert (tmp_path / "home" / job.stage / "code" / "hello.py").exists()
-    assert not os.path.exists(f"/tmp/cirrus/{job.run_id}/pid")
+    assert not os.path.exists(f"/tmp/cirrus/{job.run_id}/train_pid")
     with open(f"/tmp/cirrus/{job.run_id}/exit_code") as exit_file:
         assert exit_file.read().strip() == str(code)
 
@@ -217,13 +228,11 @@ def test_script_waits_for_a_running_instance(worker):
     job, script, env, tmp_path = worker
     state = f"/tmp/cirrus/{job.run_id}"
     os.makedirs(state, exist_ok=True)
-    sleeper = subprocess.Popen(["sleep", "1"])
-    threading.Thread(target=sleeper.wait, daemon=True).start()  # Reaped: no zombie to find.
+    with open(f"{state}/exit_code", "w") as out:
+        out.write("42")
+    sleeper = subprocess.Popen(["flock", f"{state}/lock", "sleep", "1"])  # A running instance.
     try:
-        with open(f"{state}/pid", "w") as out:
-            out.write(str(sleeper.pid))
-        with open(f"{state}/exit_code", "w") as out:
-            out.write("42")
+        time.sleep(0.3)
         result = subprocess.run(
             ["bash", str(script), "run"], env=dict(env, FAKE_CODE="0"), capture_output=True,
             text=True, timeout=30,
@@ -247,6 +256,141 @@ def test_script_fingerprint_and_comparison(worker):
     other = dict(fingerprint, worker="w1", jax="0.0.1")
     with pytest.raises(UserError, match="jax"):
         pod.compare_fingerprints(result.stdout + "CIRRUS_FINGERPRINT " + json.dumps(other))
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+POD_FLAGS = dict(
+    tpu="v5p-8", zone="us-east5-a", project="proj", spot=False, reserved=False,
+    best_effort=False, runtime_version=None, name=None, run_id=None,
+    setup_command=pod.DEFAULT_SETUP,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "changes, flag",
+    [
+        (dict(run_id="x$(touch pwned)"), "--run_id"),
+        (dict(run_id="a;b"), "--run_id"),
+        (dict(run_id="../../etc"), "--run_id"),
+        (dict(run_id="ok", name="cirrus-x`id`"), "--name"),
+        (dict(zone="us-east5-a; rm -rf ~"), "--zone"),
+        (dict(project="p$(id)"), "--project"),
+        (dict(runtime_version="v2 --foo"), "--runtime_version"),
+    ],
+)
+def test_hostile_flags_are_refused_before_anything_is_rendered(changes, flag):
+    with pytest.raises(UserError, match=re.escape(flag)):
+        pod.build_job(dict(POD_FLAGS, **changes), WORKDIR, [DEMO], [], [])
+
+
+@pytest.mark.parametrize("workdir", ["gs://b/run$(touch x)", "gs://b/a b", "gs://b/'q'"])
+def test_hostile_workdirs_are_refused(workdir):
+    with pytest.raises(UserError, match="--workdir"):
+        pod.build_job(POD_FLAGS, workdir, [DEMO], [], [])
+
+
+def test_values_reach_the_worker_verbatim_and_never_run(worker):
+    """Every value that may legitimately hold shell characters (gin bindings, train flags,
+    the setup command's arguments) is quoted: the worker's launch.train receives it byte for
+    byte, and nothing in it runs."""
+    job, script, env, tmp_path = worker
+    pwned = tmp_path / "pwned"
+    hostile = [f"$(touch {pwned})", f"`touch {pwned}`", f"'; touch {pwned}; '", "a\nb", '"$HOME"']
+    job = dataclasses.replace(
+        job,
+        gin_bindings=tuple(f"train.tag = '{value}'" for value in hostile),
+        train_args=tuple(f"--sample_prompt={value}" for value in hostile),
+        setup_command=f"echo setup-ran {shlex.quote(hostile[0])} > {tmp_path}/setup",
+    )
+    script.write_text(pod.render_script(job))
+    result = subprocess.run(
+        ["bash", str(script), "run"], env=dict(env, FAKE_CODE="0"), capture_output=True,
+        text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not pwned.exists()
+    argv = (tmp_path / "train_argv").read_text().split("\0")[:-1]
+    assert argv == pod.train_argv(job)[1:]
+    assert (tmp_path / "setup").read_text() == f"setup-ran {hostile[0]}\n"
+    # The remote command gcloud runs through the worker's shell is three plain words.
+    command = next(a for a in pod.ssh_argv(job, "run") if a.startswith("--command="))
+    assert shlex.split(command.removeprefix("--command=")) == [
+        "bash", f"~/{job.stage}.sh", "run"
+    ]  # fmt: skip
+
+
+def test_stale_cleanup_stops_only_what_cirrus_started(worker):
+    """A launch.train left by an earlier job (pid file + command line) is stopped and named;
+    a process whose pid file no longer matches a launch.train command line is left alone."""
+    job, script, env, tmp_path = worker
+    stale_dir = f"/tmp/cirrus/{job.run_id}-old"
+    other_dir = f"/tmp/cirrus/{job.run_id}-other"
+    sleep = "import time; time.sleep(120)"
+    stale = subprocess.Popen([sys.executable, "-c", sleep, "-m", "launch.train", "--workdir=x"])
+    bystander = subprocess.Popen([sys.executable, "-c", sleep])
+    for process in (stale, bystander):
+        threading.Thread(target=process.wait, daemon=True).start()  # Reaped when killed.
+    try:
+        for directory, process in ((stale_dir, stale), (other_dir, bystander)):
+            os.makedirs(directory, exist_ok=True)
+            with open(f"{directory}/train_pid", "w") as out:
+                out.write(str(process.pid))
+        result = subprocess.run(
+            ["bash", str(script), "run"], env=dict(env, FAKE_CODE="0"), capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"stopping pid {stale.pid}, left by an earlier Cirrus job" in result.stdout
+        deadline = time.monotonic() + 10
+        while stale.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stale.poll() is not None
+        assert bystander.poll() is None
+        assert str(bystander.pid) not in result.stdout
+    finally:
+        for process in (stale, bystander):
+            process.kill()
+        shutil.rmtree(stale_dir, ignore_errors=True)
+        shutil.rmtree(other_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the tarball
+
+
+def test_tarball_ships_git_files_and_never_secrets(tmp_path):
+    repo = tmp_path / "repo"
+    files = {
+        "research/model.py": "x = 1\n",
+        "configs/a.gin": "train.num_steps = 1\n",
+        ".env": "OPENAI_API_KEY=sk-secret\n",
+        "deploy/server.key": "-----BEGIN PRIVATE KEY-----\n",
+        "keys/id_ed25519": "secret\n",
+        "credentials.json": "{}\n",
+        "data_cache/shard.bin": "cache\n",
+        "notes.txt": "untracked\n",
+        "configs/new.gin": "train.num_steps = 2\n",
+    }
+    for path, text in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    (repo / ".gitignore").write_text("/data_cache/\n")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    tracked = ["research/model.py", "configs/a.gin", ".gitignore", ".env", "deploy/server.key"]
+    subprocess.run(["git", "-C", str(repo), "add", "-f", *tracked], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "keys", "credentials.json"], check=True)
+    data, shipment = pod.code_tarball(str(repo), extras=["configs/new.gin"])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = sorted(tar.getnames())
+    assert names == [".gitignore", "configs/a.gin", "configs/new.gin", "research/model.py"]
+    assert shipment.secrets == (".env", "credentials.json", "deploy/server.key", "keys/id_ed25519")
+    assert shipment.untracked == ("notes.txt",)
+    text = "\n".join(pod.describe_shipment(data, shipment))
+    assert "4 files" in text and "notes.txt" in text and ".env" in text
+    with pytest.raises(UserError, match="--ship=.env looks like a secret"):
+        pod.code_tarball(str(repo), extras=[".env"])
+    with pytest.raises(UserError, match="outside the repository"):
+        pod.code_tarball(str(repo), extras=["../x"])
 
 
 # ----------------------------------------------------------------------------- supervisor

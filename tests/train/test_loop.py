@@ -6,9 +6,13 @@ import os
 import numpy as np
 import pytest
 
+from research.checkpoint import CheckpointConfig
 from research.data import DataConfig, prepare_data
+from research.errors import UserError
 from research.model import ModelConfig
 from research.train import NonFiniteLossError, TrainConfig, train
+from research.train.loop import Preempted, PreemptionNotice
+from research.train.metrics_writer import read_metrics, truncate_metrics
 
 MODEL = ModelConfig(
     vocab_size=320,
@@ -76,3 +80,61 @@ def test_non_finite_loss_stops_and_names_the_step(data_dir, tmp_path):
     )
     with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
         train(MODEL, config, data_dir=data_dir, workdir=str(tmp_path), log=lambda _: None)
+
+
+def _metrics(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_torn_last_metrics_line_is_dropped_and_the_run_resumes_exactly(data_dir, tmp_path, caplog):
+    config = TrainConfig(
+        num_steps=6, batch_size=8, seq_len=32, log_every=1, eval_every=0,
+        peak_flops_per_device=1e11,
+    )  # fmt: skip
+    checkpoint = CheckpointConfig(save_every=2, keep=5, async_save=False)
+    run = dict(data_dir=data_dir, log=lambda _: None, checkpoint=checkpoint)
+    train(MODEL, config, workdir=str(tmp_path / "reference"), **run)
+    workdir = tmp_path / "run"
+    notice = PreemptionNotice()  # Stops the run at step 4, as a kill would.
+    stop_at_4 = lambda line: setattr(notice, "requested", line.startswith("step 4/"))
+    with pytest.raises(Preempted):
+        train(MODEL, config, workdir=str(workdir), **dict(run, log=stop_at_4, preemption=notice))
+    path = workdir / "metrics.jsonl"
+    before = path.read_text()
+    path.write_text(before + '{"step": 5, "loss": 4.1')  # Killed while writing step 5's record.
+    lines = []
+    train(MODEL, config, workdir=str(workdir), **dict(run, log=lines.append))
+    assert "resumed from step 4" in "\n".join(lines)
+    assert path.read_text().startswith(before)  # Steps 1-4 kept as they were.
+    records, reference = _metrics(path), _metrics(tmp_path / "reference" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["loss"] for r in records] == [r["loss"] for r in reference]
+    assert any("torn last line 5" in r.getMessage() for r in caplog.records)
+
+
+def test_corrupt_metrics_line_before_the_last_is_a_user_error(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo\n{"step": 3, "loss": 4.0}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl line 2 is not valid JSON.*Fix or delete"):
+        truncate_metrics(path, 3)
+    assert read_metrics(tmp_path / "missing.jsonl") == []
+
+
+def test_truncating_metrics_replaces_the_file_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3))
+    path.write_text(text)
+    os.chmod(path, 0o640)
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", crash)
+        with pytest.raises(OSError, match="disk full"):
+            truncate_metrics(path, 1)
+    assert path.read_text() == text and os.listdir(tmp_path) == ["metrics.jsonl"]
+    truncate_metrics(path, 2)
+    assert [r["step"] for r in _metrics(path)] == [1, 2]
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
+    assert os.stat(path).st_mode & 0o777 == 0o640
