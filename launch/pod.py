@@ -75,7 +75,7 @@ NAME_PATTERN = r"[a-z](?:[-a-z0-9]{0,50}[a-z0-9])?"
 ZONE_PATTERN = r"[a-z][-a-z0-9]{0,62}"
 PROJECT_PATTERN = r"[a-z][-a-z0-9.:]{0,62}"
 RUNTIME_PATTERN = r"[A-Za-z0-9][-A-Za-z0-9._]{0,62}"
-WORKDIR_PATTERN = r"gs://[a-z0-9][-a-z0-9_.]{1,221}(?:/[A-Za-z0-9._~/=+@,:-]*)?"
+WORKDIR_PATTERN = r"gs://[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9](?:/[A-Za-z0-9._~/=+@,:-]*)?"
 
 # Never shipped to workers, whatever git tracks (fnmatch on each path component).
 SECRET_PATTERNS = (
@@ -150,7 +150,8 @@ def validate(
     )  # fmt: skip
     _check(
         "workdir", workdir, WORKDIR_PATTERN,
-        "gs://<bucket>/<path> with letters, digits and . _ ~ / = + @ , : - only (no spaces, "
+        "gs://<bucket>/<path>: a bucket name of 3-63 lowercase letters, digits, - _ . (as "
+        "GCS requires), a path of letters, digits and . _ ~ / = + @ , : - only (no spaces, "
         "quotes or shell characters).",
     )  # fmt: skip
     _check(
@@ -280,7 +281,7 @@ class Shipment:
     """What goes to the workers: repo-relative paths, and what was left out and why."""
 
     files: tuple
-    secrets: tuple  # Tracked (or named) files refused as secrets.
+    secrets: tuple  # Files refused as secrets (tracked, or untracked and not ignored).
     untracked: tuple  # Files git does not track (and does not ignore): not shipped.
 
 
@@ -320,7 +321,10 @@ def shipped_files(root: str = gin_config.ROOT, extras=()) -> Shipment:
         if not os.path.isfile(os.path.join(root, path)):
             continue  # Deleted in the work tree, or a submodule.
         (secrets if is_secret(path) else files).add(path)
-    untracked = [p for p in git("--others", "--exclude-standard") if p not in files]
+    untracked = []
+    for path in git("--others", "--exclude-standard"):
+        if path not in files:
+            (secrets.add(path) if is_secret(path) else untracked.append(path))
     return Shipment(tuple(sorted(files)), tuple(sorted(secrets)), tuple(sorted(untracked)))
 
 
