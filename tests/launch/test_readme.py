@@ -8,11 +8,9 @@ import concurrent.futures
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import transformers
@@ -20,6 +18,7 @@ import transformers
 from launch.config import ROOT
 from research.data import train_tokenizer
 from tests.launch.test_train_cli import TINY_RUN
+from tests.serving.server_fixtures import start_server, stop_server
 
 README = os.path.join(ROOT, "README.md")
 TEXT = "Once more unto the breach, dear friends, once more; or close the wall up with our dead."
@@ -103,43 +102,16 @@ def _adapt(argv: list[str], root, cache: str) -> tuple[list[str], str]:
         argv.append("--max_new_tokens=8")
     if module in ("launch.train", "launch.local"):
         argv += ["--", "--sample_prompt="] if module == "launch.local" else ["--sample_prompt="]
-    if module == "launch.serve":
-        argv.append(f"--port={_free_port()}")
-        return argv, "serve"
-    return argv, "run"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return argv, "serve" if module == "launch.serve" else "run"
 
 
 def _serve(argv, env) -> tuple[int, str]:
     """Starts the server, waits for /ready, stops it by PID; (exit code, output)."""
-    port = next(a for a in argv if a.startswith("--port=")).split("=")[1]
-    process = subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        ready = process.poll() is None
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return (process.returncode if ready else 99), output
+        server = start_server(argv[3:], env=env, timeout_s=180)
+    except RuntimeError as error:  # Exited, or never ready: the log is in the message.
+        return 99, str(error)
+    return stop_server(server), server.log()
 
 
 def _run(argv, how, env, deps) -> tuple[int, str, float]:
