@@ -80,11 +80,11 @@ def inputs(tmp_path_factory):
 def _adapt(argv: list[str], root, cache: str) -> tuple[list[str], str]:
     """README's argv made runnable here; returns (argv, how to run it: run | serve)."""
     module = argv[2]
-    text = shlex.join([sys.executable, *argv[1:]])
+    text = shlex.join(argv[1:])  # The interpreter is ours (its path may lie under /tmp).
     text = re.sub(r"(?<![\w/])/tmp/(\w+)", lambda m: str(root / "tmp" / m.group(1)), text)
     text = text.replace("/path/to/texts", str(root / "texts"))
     text = re.sub(r"=model\.gguf\b", f"={root / 'model.gguf'}", text)
-    argv = shlex.split(text)
+    argv = [sys.executable, *shlex.split(text)]
     bindings = [f"data.cache_dir = '{cache}'"]
     if module in ("launch.train", "launch.local", "launch.prepare_data"):
         bindings = TINY_MODEL + bindings
