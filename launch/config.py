@@ -2,7 +2,8 @@
 
 research/ never imports gin; this is the only place the library's dataclasses are exposed:
 `model.*` (ModelConfig), `data.*` (DataConfig), `train.*` (TrainConfig),
-`checkpoint.*` (CheckpointConfig), `eval.*` (EvalConfig) and `serve.*` (EngineConfig).
+`checkpoint.*` (CheckpointConfig), `eval.*` (EvalConfig), `serve.*` (EngineConfig) and
+`compress.*` (CompressConfig).
 """
 
 import os
@@ -10,6 +11,7 @@ import os
 import gin
 
 from research.checkpoint import CheckpointConfig
+from research.compression.config import CompressConfig
 from research.data import DataConfig
 from research.errors import UserError
 from research.evaluation import EvalConfig
@@ -25,6 +27,7 @@ _CONFIGURABLES = {
     CheckpointConfig: gin.external_configurable(CheckpointConfig, "checkpoint"),
     EvalConfig: gin.external_configurable(EvalConfig, "eval"),
     EngineConfig: gin.external_configurable(EngineConfig, "serve"),
+    CompressConfig: gin.external_configurable(CompressConfig, "compress"),
 }
 
 # Repository root: gin files are found relative to it (and to the working directory).
@@ -46,8 +49,8 @@ def parse(gin_files=(), gin_bindings=()) -> None:
     except (ValueError, SyntaxError, KeyError, TypeError) as error:
         raise UserError(
             f"bad gin configuration: {error}\nConfigurables are `model.*`, `data.*`, "
-            f"`train.*`, `checkpoint.*`, `eval.*` and `serve.*`; check the name and value of "
-            f"the binding above (see configs/base.gin for every field)."
+            f"`train.*`, `checkpoint.*`, `eval.*`, `serve.*` and `compress.*`; check the name and "
+            f"value of the binding above (see configs/base.gin for every field)."
         ) from None
 
 

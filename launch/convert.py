@@ -95,10 +95,16 @@ def _export(workdir: str, directory: str) -> None:
         from research.storage import local_copy
 
         tokenizer_dir = local_copy(epath.Path(workdir) / "tokenizer")
+    model_config, params = loaded.model_config, loaded.params
+    if model_config.quant != "none":  # transformers reads float weights: the ones it stands for.
+        from research.compression.quantize import dequantize_params
+
+        _log(f"dequantizing the {model_config.quant} weights to float32 for transformers")
+        model_config, params = dequantize_params(model_config, params)
     family = hf.save_hf(
         directory,
-        loaded.model_config,
-        loaded.params,
+        model_config,
+        params,
         tokenizer_dir=tokenizer_dir,
         family=read_source(workdir, loaded.step).get("family"),
         special_ids=special_ids,

@@ -213,6 +213,13 @@ def _init_from(source: str):
     from research.checkpoint import load_pretrained
 
     pretrained = load_pretrained(source, log=_log)
+    if pretrained.model_config.quant != "none":  # A launch.compress output: train its floats.
+        from research.compression.quantize import dequantize_params
+
+        _log(f"--init_from: dequantizing its {pretrained.model_config.quant} weights to float32")
+        pretrained.model_config, pretrained.params = dequantize_params(
+            pretrained.model_config, pretrained.params
+        )
     config = pretrained.model_config
     data_config = gin_config.build(DataConfig)
     with gin.unlock_config():

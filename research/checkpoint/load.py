@@ -53,18 +53,26 @@ def load(source: str, *, mesh=None, log=print) -> LoadedModel:
             loaded.chat_template = read_chat_template(local_copy(tokenizer_dir))
         loaded.source = {"format": "cirrus", "path": source, "step": loaded.step}
         return loaded
-    pretrained = load_pretrained(source, log=log)
+    return from_pretrained(load_pretrained(source, log=log), mesh=mesh)
+
+
+def from_pretrained(pretrained, *, mesh=None) -> LoadedModel:
+    """A Pretrained (research/checkpoint/pretrained.py) placed on `mesh` (default one device)."""
     if pretrained.tokenizer_dir:
         template = read_chat_template(pretrained.tokenizer_dir)
     else:
         template = pretrained.tokenizer_extra.get("chat_template")
     if mesh is None:
         mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    graphdef, _, shardings = param_shardings(pretrained.model_config, mesh)
+    graphdef, abstract, shardings = param_shardings(pretrained.model_config, mesh)
+    params = pretrained.params
+    if isinstance(params, dict):  # A pure dict (e.g. quantized NumPy arrays): into the State.
+        nnx.replace_by_pure_dict(abstract, params)
+        params = abstract
     return LoadedModel(
         model_config=pretrained.model_config,
         graphdef=graphdef,
-        params=jax.device_put(pretrained.params, shardings),
+        params=jax.device_put(params, shardings),
         tokenizer=pretrained.tokenizer,
         step=None,
         data_dir=None,

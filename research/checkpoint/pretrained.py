@@ -167,7 +167,15 @@ def save_as_run(workdir: str, pretrained: Pretrained, *, log: Callable[[str], No
             "source": pretrained.source,
             "hf_config": pretrained.hf_config,
         }
-        checkpointer.save_params(0, pretrained.params, meta)
+        params = pretrained.params
+        if isinstance(params, dict):  # A pure dict (e.g. quantized NumPy arrays): as a State,
+            from flax import nnx  # the tree every restore expects.
+
+            from research.train.state import abstract_model
+
+            _, params = abstract_model(pretrained.model_config)
+            nnx.replace_by_pure_dict(params, pretrained.params)
+        checkpointer.save_params(0, params, meta)
         checkpointer.wait()
     finally:
         checkpointer.close()

@@ -220,6 +220,8 @@ class Attention(nnx.Module):
         out_init: nnx.Initializer,
         dtype=jnp.float32,
         rope_scaling: RopeScaling | None = None,
+        quant: str = "none",
+        quant_group: int = 32,
         rngs: nnx.Rngs,
     ):
         self.rope_theta = rope_theta
@@ -229,6 +231,8 @@ class Attention(nnx.Module):
             use_bias=use_bias or qkv_bias,
             kernel_init=kernel_init,
             dtype=dtype,
+            quant=quant,
+            quant_group=quant_group,
             rngs=rngs,
         )
         self.q_proj = Dense((dim,), (num_heads, head_dim), out_axes=("heads", "head_dim"), **into)
@@ -243,6 +247,8 @@ class Attention(nnx.Module):
             use_bias=use_bias,
             kernel_init=out_init,
             dtype=dtype,
+            quant=quant,
+            quant_group=quant_group,
             rngs=rngs,
         )
 

@@ -48,6 +48,10 @@ class ModelConfig:
     scale_residual_init: bool = True
     dtype: str = "float32"  # Compute dtype; parameters are always float32.
     remat: str = "none"
+    # Weight quantization (research/compression/quantize.py): "none", "int8" (per output
+    # channel) or "int4" (groups of quant_group inputs). Inference only: launch.compress makes it.
+    quant: str = "none"
+    quant_group: int = 32
 
     def __post_init__(self):
         for name, allowed in (
@@ -61,6 +65,9 @@ class ModelConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise UserError(f"model.{name}={value!r} is not one of {allowed}.")
+        from research.compression.quantize import check_mode
+
+        check_mode(self.quant, self.quant_group)
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}.")

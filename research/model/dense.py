@@ -1,9 +1,12 @@
 """A dense projection that contracts the trailing axes of x with the leading axes of a kernel."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.compression.quantize import QuantSpec, qdot
 from research.model.parameter import param
 
 
@@ -23,6 +26,9 @@ class Dense(nnx.Module):
       dtype: compute dtype; the kernel and bias are cast to it at use.
       out_dtype: dtype of the result (the matmul accumulates into it); default `dtype`.
         The LM head uses float32 so that bfloat16 compute still gives float32 logits.
+      quant: "none" (a float32 `kernel`), or "int8" / "int4": `kernel_q` and `scale` in the
+        form research/compression/quantize.py defines (inference only).
+      quant_group: k per int4 scale.
     """
 
     def __init__(
@@ -36,20 +42,49 @@ class Dense(nnx.Module):
         kernel_init: nnx.Initializer,
         dtype=jnp.float32,
         out_dtype=None,
+        quant: str = "none",
+        quant_group: int = 32,
         rngs: nnx.Rngs,
     ):
         self.num_in = len(in_features)
         self.dtype = dtype
         self.out_dtype = dtype if out_dtype is None else out_dtype
-        self.kernel = param(
-            kernel_init, (*in_features, *out_features), (*in_axes, *out_axes), rngs=rngs
-        )
+        self.quant = None
+        if quant == "none":
+            self.kernel = param(
+                kernel_init, (*in_features, *out_features), (*in_axes, *out_axes), rngs=rngs
+            )
+        else:
+            spec = QuantSpec.of(quant, quant_group, math.prod(in_features))
+            self.quant = spec
+            # Stored k-interleaved, [K / L, *out, 4] (research/compression/quantize.py).
+            self.kernel_q = param(
+                nnx.initializers.zeros,
+                (math.prod(in_features) // spec.per_word, *out_features, 4),
+                (None, *out_axes, None),
+                rngs=rngs,
+                dtype=spec.dtype,
+            )
+            self.scale = param(
+                nnx.initializers.ones,
+                (math.prod(in_features) // spec.group, *out_features),
+                (None, *out_axes),
+                rngs=rngs,
+            )
         self.bias = (
             param(nnx.initializers.zeros, out_features, out_axes, rngs=rngs) if use_bias else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., *in_features] compute dtype -> [..., *out_features] in out_dtype."""
+        if self.quant is not None:
+            lead = x.shape[: x.ndim - self.num_in]
+            x_mk = x.reshape(math.prod(lead), -1)
+            y_mn = qdot(x_mk, self.kernel_q[...], self.scale[...], self.quant)
+            y = y_mn.reshape(*lead, *self.scale.shape[1:]).astype(self.out_dtype)
+            if self.bias is not None:
+                y = y + self.bias[...].astype(self.out_dtype)
+            return y
         kernel = self.kernel[...].astype(self.dtype)
         contract_x = tuple(range(x.ndim - self.num_in, x.ndim))
         contract_kernel = tuple(range(self.num_in))

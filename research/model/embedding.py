@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.compression.quantize import QuantSpec, dequantize, qdot
 from research.model.parameter import param
 
 
@@ -15,20 +16,59 @@ class Embedding(nnx.Module):
       dim: D.
       init: initializer of the table.
       dtype: compute dtype of the looked-up vectors and of the `attend` matmul.
+      quant, quant_group: "int8" / "int4" store the table quantized and transposed, [D, V]
+        (`embedding_q` [D / L, V, 4], `scale`; research/compression/quantize.py): `attend` is the
+        quantized matmul and a lookup reads one column per token.
     """
 
     def __init__(
-        self, vocab_size: int, dim: int, *, init: nnx.Initializer, dtype=jnp.float32, rngs: nnx.Rngs
+        self,
+        vocab_size: int,
+        dim: int,
+        *,
+        init: nnx.Initializer,
+        dtype=jnp.float32,
+        quant: str = "none",
+        quant_group: int = 32,
+        rngs: nnx.Rngs,
     ):
         self.dtype = dtype
-        self.embedding = param(init, (vocab_size, dim), ("vocab", "embed"), rngs=rngs)
+        self.quant = None
+        if quant == "none":
+            self.embedding = param(init, (vocab_size, dim), ("vocab", "embed"), rngs=rngs)
+            return
+        self.quant = QuantSpec.of(quant, quant_group, dim)
+        self.embedding_q = param(
+            nnx.initializers.zeros,
+            (dim // self.quant.per_word, vocab_size, 4),
+            (None, "vocab", None),
+            rngs=rngs,
+            dtype=self.quant.dtype,
+        )
+        self.scale = param(
+            nnx.initializers.ones, (dim // self.quant.group, vocab_size), (None, "vocab"), rngs=rngs
+        )
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         """tokens: [B, T] int in [0, V) -> [B, T, D] compute dtype."""
+        if self.quant is not None:
+            # The barrier keeps XLA from fusing the token's computation (a decode step's argmax
+            # over V) into this column gather, where it would run once per gathered element.
+            flat = jax.lax.optimization_barrier(tokens_bt.reshape(-1))
+            q_km = jnp.take(self.embedding_q[...], flat, axis=1, mode="clip")
+            scale_gm = jnp.take(self.scale[...], flat, axis=1, mode="clip")
+            x_md = dequantize(q_km, scale_gm, self.quant).T
+            return x_md.reshape(*tokens_bt.shape, -1).astype(self.dtype)
         # Gather, then cast: casting the whole [V, D] table first would touch all of it.
         return jnp.take(self.embedding[...], tokens_bt, axis=0, mode="clip").astype(self.dtype)
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
         """Logits against the table (tied LM head): x [B, T, D] compute dtype -> [B, T, V] f32."""
+        if self.quant is not None:
+            b, t, d = x_btd.shape
+            logits = qdot(
+                x_btd.reshape(b * t, d), self.embedding_q[...], self.scale[...], self.quant
+            )
+            return logits.reshape(b, t, -1)
         table_vd = self.embedding[...].astype(self.dtype)
         return jnp.einsum("btd,vd->btv", x_btd, table_vd, preferred_element_type=jnp.float32)

@@ -41,9 +41,13 @@ class SwiGLU(nnx.Module):
         kernel_init: nnx.Initializer,
         out_init: nnx.Initializer,
         dtype=jnp.float32,
+        quant: str = "none",
+        quant_group: int = 32,
         rngs: nnx.Rngs,
     ):
-        common = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
+        common = dict(
+            use_bias=use_bias, dtype=dtype, quant=quant, quant_group=quant_group, rngs=rngs
+        )
         self.gate_proj = _into_mlp(dim, mlp_dim, kernel_init, **common)
         self.up_proj = _into_mlp(dim, mlp_dim, kernel_init, **common)
         self.down_proj = _out_of_mlp(dim, mlp_dim, out_init, **common)
@@ -74,9 +78,13 @@ class GeluMLP(nnx.Module):
         kernel_init: nnx.Initializer,
         out_init: nnx.Initializer,
         dtype=jnp.float32,
+        quant: str = "none",
+        quant_group: int = 32,
         rngs: nnx.Rngs,
     ):
-        common = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
+        common = dict(
+            use_bias=use_bias, dtype=dtype, quant=quant, quant_group=quant_group, rngs=rngs
+        )
         self.fc = _into_mlp(dim, mlp_dim, kernel_init, **common)
         self.proj = _out_of_mlp(dim, mlp_dim, out_init, **common)
 

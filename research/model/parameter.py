@@ -11,13 +11,14 @@ def param(
     logical_axes: tuple[str | None, ...],
     *,
     rngs: nnx.Rngs,
+    dtype=jnp.float32,
 ) -> nnx.Param:
-    """A float32 nnx.Param of `shape` whose axes are named `logical_axes`.
+    """An nnx.Param of `shape` (float32 unless quantized) whose axes are named `logical_axes`.
 
     Under `jax.set_mesh(mesh)` + `nnx.logical_axis_rules(RULES)` it is born sharded by the
     rules; without a mesh it is a plain single-device array (tests, eval_shape, one device)
     that still carries the names, so `nnx.get_partition_spec` works on it later.
     """
     init = nnx.with_partitioning(init, tuple(logical_axes))
-    value = init(rngs.params(), tuple(shape), jnp.float32)
+    value = init(rngs.params(), tuple(shape), dtype)
     return nnx.Param(value, eager_sharding=not jax.sharding.get_abstract_mesh().empty)

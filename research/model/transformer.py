@@ -94,6 +94,8 @@ def _block(config: ModelConfig, rngs: nnx.Rngs) -> Block:
         kernel_init=kernel_init,
         out_init=out_init,
         dtype=dtype,
+        quant=config.quant,
+        quant_group=config.quant_group,
         rngs=rngs,
     )
     mlp = (SwiGLU if config.mlp_activation == "swiglu" else GeluMLP)(
@@ -103,6 +105,8 @@ def _block(config: ModelConfig, rngs: nnx.Rngs) -> Block:
         kernel_init=kernel_init,
         out_init=out_init,
         dtype=dtype,
+        quant=config.quant,
+        quant_group=config.quant_group,
         rngs=rngs,
     )
     return Block(
@@ -128,8 +132,9 @@ class Decoder(nnx.Module):
         self.config = config
         dtype = jnp.dtype(config.dtype)
         init = _initializer(config.init, config.init_std)
+        quant = dict(quant=config.quant, quant_group=config.quant_group)
         self.embedding = Embedding(
-            config.vocab_size, config.d_model, init=init, dtype=dtype, rngs=rngs
+            config.vocab_size, config.d_model, init=init, dtype=dtype, **quant, rngs=rngs
         )
         self.position_embedding = (
             LearnedPositions(config.max_seq_len, config.d_model, init=init, dtype=dtype, rngs=rngs)
@@ -150,6 +155,7 @@ class Decoder(nnx.Module):
                 kernel_init=init,
                 dtype=dtype,
                 out_dtype=jnp.float32,
+                **quant,
                 rngs=rngs,
             )
         )

@@ -71,7 +71,10 @@ def inputs(tmp_path_factory):
     for index in range(12):
         (texts / f"part{index}.txt").write_text(f"Part {index}. " + (TEXT + " ") * 8)
     tokenizer = train_tokenizer([TEXT] * 20, 300)
-    config = transformers.LlamaConfig(**dict(LLAMA, vocab_size=tokenizer.vocab_size))
+    # Three layers: README's depth-pruning example removes one (the first and last stay).
+    config = transformers.LlamaConfig(
+        **dict(LLAMA, vocab_size=tokenizer.vocab_size, num_hidden_layers=3)
+    )
     model = randomize(transformers.LlamaForCausalLM(config))
     write_llama_gguf(root / "model.gguf", model, "llama", Q8_0, tokenizer=tokenizer)
     return root
@@ -84,6 +87,7 @@ def _adapt(argv: list[str], root, cache: str) -> tuple[list[str], str]:
     text = re.sub(r"(?<![\w/])/tmp/(\w+)", lambda m: str(root / "tmp" / m.group(1)), text)
     text = text.replace("/path/to/texts", str(root / "texts"))
     text = re.sub(r"=model\.gguf\b", f"={root / 'model.gguf'}", text)
+    text = text.replace("$SMOLLM2", str(root / "model.gguf"))
     argv = [sys.executable, *shlex.split(text)]
     bindings = [f"data.cache_dir = '{cache}'"]
     if module in ("launch.train", "launch.local", "launch.prepare_data"):
@@ -100,6 +104,10 @@ def _adapt(argv: list[str], root, cache: str) -> tuple[list[str], str]:
         argv += [f"--gin_bindings={b}" for b in bindings]
     if module == "launch.sample":
         argv.append("--max_new_tokens=8")
+    if module == "launch.compress":  # Small evaluation and timing; one layer to prune.
+        quick = ["eval_tokens = 1024", "eval_window = 64", "speed_tokens = 8", "speed_reps = 1"]
+        quick += ["calibration_sequences = 4", "calibration_len = 32", "prune_layers = 1"]
+        argv += [f"--gin_bindings=compress.{b}" for b in quick]
     if module in ("launch.train", "launch.local"):
         argv += ["--", "--sample_prompt="] if module == "launch.local" else ["--sample_prompt="]
     return argv, "serve" if module == "launch.serve" else "run"

@@ -1,0 +1,226 @@
+"""Compress a model and judge every stage against the original on the same held-out text.
+
+  python -m launch.compress --gin_file=configs/compress/smollm2_int8.gin \
+      --from=SmolLM2-135M-Instruct.Q4_1.gguf --workdir=runs/smollm2-int8
+
+--from is a .gguf file, a Hugging Face directory or a Cirrus workdir. The stages
+(`compress.stages`, research/compression/config.py) run in order; the last one's model is
+saved in --workdir as a normal run (launch.sample / eval / serve / convert read it), next to
+compress_report.json, compress_report.md and compress_report.png.
+"""
+
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from launch import cli
+from launch import config as gin_config
+from research.checkpoint.load import from_pretrained
+from research.checkpoint.pretrained import Pretrained, load_pretrained, save_as_run
+from research.compression import evaluate, gptq, prune, quantize, report, speed
+from research.compression.config import CompressConfig
+from research.errors import UserError
+
+FROM = flags.DEFINE_string("from", None, "The model to compress: .gguf, HF directory or workdir.")
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; see --helpfull.")
+    source, workdir = FROM.value, cli.WORKDIR.value
+    if not source or not workdir:
+        raise UserError("give --from=<.gguf | HF directory | workdir> and --workdir=DIR.")
+    gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
+    config = gin_config.build(CompressConfig)
+    if os.path.isdir(os.path.join(workdir, "ckpt")) and os.listdir(os.path.join(workdir, "ckpt")):
+        raise UserError(f"{workdir}/ckpt already holds a model; give an empty --workdir.")
+    start = time.perf_counter()
+
+    _log(f"reading {source}")
+    original = load_pretrained(source, log=_log)
+    if original.model_config.quant != "none":
+        raise UserError(f"{source} is already quantized ({original.model_config.quant}).")
+    if original.tokenizer is None:
+        raise UserError(f"{source} has no tokenizer; the held-out evaluation needs one.")
+    reference = from_pretrained(original)
+    models, current = {}, original
+    for stage in config.stages:
+        _log(f"stage {stage}")
+        current = _run_stage(stage, current, config)
+        models[_stage_name(stage, config)] = current
+
+    tokens = evaluate.heldout_tokens(original.tokenizer, max_tokens=config.eval_tokens or None)
+    candidates = {name: from_pretrained(m) for name, m in models.items()}
+    for kind in config.baselines:
+        _log(f"baseline {kind} (the gguf package's quantizer)")
+        params = evaluate.gguf_baseline(reference.params, kind)
+        candidates[f"llama.cpp {kind.upper()}"] = _with_params(reference, params)
+    _log(f"evaluating on {len(tokens):,} held-out tokens, windows of {config.eval_window}")
+    metrics = evaluate.compare(reference, candidates, tokens, window=config.eval_window, log=_log)
+
+    fp32_bytes = quantize.weight_bytes(reference.params)
+    rows = {"original (fp32)": _row(metrics["reference"], reference, fp32_bytes, ours=True)}
+    for name, model in candidates.items():
+        ours = name in models
+        rows[name] = _row(metrics[name], model, fp32_bytes, ours=ours)
+        if not ours:  # A baseline's size is its GGUF blocks': 34 bytes per 32 (Q8_0), 18 (Q4_0).
+            rows[name].update(_gguf_size(name, reference, fp32_bytes))
+    if config.speed_tokens:
+        for name, model in [("original (fp32)", reference), *candidates.items()]:
+            if rows[name]["ours"]:
+                _log(f"timing {name}: {config.speed_tokens} tokens at batch 1")
+                rows[name]["decode_tokens_per_s"] = speed.decode_tokens_per_s(
+                    model, config.speed_tokens, config.speed_reps
+                )
+        base = rows["original (fp32)"]["decode_tokens_per_s"]
+        for row in rows.values():
+            if row.get("decode_tokens_per_s"):
+                row["speedup"] = row["decode_tokens_per_s"] / base
+
+    final = Pretrained(
+        model_config=current.model_config,
+        params=current.params,
+        source={**original.source, "compressed": list(config.stages)},
+        tokenizer=original.tokenizer,
+        tokenizer_dir=original.tokenizer_dir,
+        tokenizer_extra=original.tokenizer_extra,
+    )
+    save_as_run(workdir, final, log=_log)
+    summary = {
+        "source": source,
+        "stages": list(config.stages),
+        "config": {k: v for k, v in config.__dict__.items()},
+        "eval": {
+            "text": "research/compression/heldout (SOURCES.md)",
+            "tokens": len(tokens),
+            "window": config.eval_window,
+            "scored_tokens": metrics["reference"]["scored_tokens"],
+        },
+        "models": rows,
+        "seconds": time.perf_counter() - start,
+    }
+    for path in report.write_report(workdir, summary):
+        _log(f"report       {path}")
+    _log(
+        f"serve it:    python -m launch.serve --workdir={workdir}\n"
+        f"sample it:   python -m launch.sample --workdir={workdir} --prompt='Hello'"
+    )
+
+
+def _stage_name(stage: str, config: CompressConfig) -> str:
+    if stage == "prune":
+        return f"pruned -{config.prune_layers} layers"
+    if stage == "quantize":
+        group = f" g{config.quant_group}" if config.quant == "int4" else ""
+        return f"{config.quant}{group} {config.method}"
+    return stage
+
+
+def _run_stage(stage: str, model: Pretrained, config: CompressConfig) -> Pretrained:
+    """One stage: a Pretrained in, a Pretrained out (params as NumPy or nnx.State)."""
+    if stage == "prune":
+        return _prune(model, config)
+    overrides = None
+    if config.method == "gptq":
+        batches = _calibration_batches(model, config)
+        current = from_pretrained(model)  # The stage's input (e.g. a pruned model).
+        hessians = gptq.collect_hessians(current.graphdef, current.params, batches, log=_log)
+        overrides = gptq.gptq_overrides(
+            model.model_config, model.params, hessians, config.quant, config.quant_group, log=_log
+        )
+    qconfig, qparams = quantize.quantize_params(
+        model.model_config, model.params, config.quant, config.quant_group, overrides=overrides
+    )
+    return Pretrained(qconfig, qparams, model.source, model.tokenizer)
+
+
+def _prune(model: Pretrained, config: CompressConfig) -> Pretrained:
+    layers = model.model_config.num_layers
+    if config.prune_layers > layers - 2:
+        raise UserError(
+            f"compress.prune_layers={config.prune_layers} leaves fewer than 2 of the model's "
+            f"{layers} layers; use at most {layers - 2}."
+        )
+    current = from_pretrained(model)
+    batches = _calibration_batches(model, config)[:8]
+    importance = prune.layer_importance(current.graphdef, current.params, batches)
+    keep = prune.least_important(importance, config.prune_layers)
+    dropped = sorted(set(range(layers)) - set(keep))
+    _log(f"layer influence: {np.round(importance, 4).tolist()}; dropping layers {dropped}")
+    pconfig, pparams = prune.drop_layers(model.model_config, model.params, keep)
+    return Pretrained(pconfig, pparams, model.source, model.tokenizer)
+
+
+def _calibration_batches(model: Pretrained, config: CompressConfig, batch: int = 4):
+    """Batches of calibration_len tokens from the bundled corpus (never the held-out text)."""
+    from research.data.corpus import default_corpus_documents
+
+    length = min(config.calibration_len, model.model_config.max_seq_len)
+    ids = []
+    for document in default_corpus_documents():
+        ids += model.tokenizer.encode(document)
+        if len(ids) >= length * config.calibration_sequences:
+            break
+    count = min(config.calibration_sequences, len(ids) // length)
+    rows = np.asarray(ids[: count * length], np.int32).reshape(count, length)
+    return [rows[i : i + batch] for i in range(0, count, batch)]
+
+
+def _with_params(model, params):
+    import copy
+
+    import jax
+
+    clone = copy.copy(model)
+    clone.params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, model.params))
+    return clone
+
+
+def _row(metrics: dict, model, fp32_bytes: int, *, ours: bool) -> dict:
+    size = quantize.weight_bytes(model.params)
+    count = sum(int(np.prod(x.shape)) for x in _leaves(model.params))
+    return {
+        **{k: metrics.get(k) for k in ("ppl", "dppl_pct", "kl", "top1")},
+        "weight_mb": size / 1e6,
+        "weight_ratio": size / fp32_bytes,
+        "bits_per_weight": 8 * size / _num_weights(model, count),
+        "ours": ours,
+    }
+
+
+def _num_weights(model, stored: int) -> int:
+    """Weights the model stands for (an int4 byte holds two)."""
+    config = model.model_config.replace(quant="none")
+    from research.model import count_params
+
+    return count_params(config) if model.model_config.quant != "none" else stored
+
+
+def _gguf_size(name: str, reference, fp32_bytes: int) -> dict:
+    """Q8_0 stores 34 bytes per 32 weights, Q4_0 18; 1-D tensors stay float32."""
+    per_block = 34 if "Q8_0" in name else 18
+    size = 0
+    for x in _leaves(reference.params):
+        n = int(np.prod(x.shape))
+        size += n * per_block // 32 if len(x.shape) >= 2 else 4 * n
+    return {
+        "weight_mb": size / 1e6,
+        "weight_ratio": size / fp32_bytes,
+        "bits_per_weight": 8 * size / sum(int(np.prod(x.shape)) for x in _leaves(reference.params)),
+    }
+
+
+def _leaves(params):
+    import jax
+
+    return jax.tree.leaves(params.to_pure_dict() if hasattr(params, "to_pure_dict") else params)
+
+
+if __name__ == "__main__":
+    app.run(cli.guarded(main))

@@ -1,0 +1,76 @@
+"""CompressConfig (`compress.*` in gin): which stages run, and how each is judged."""
+
+import dataclasses
+
+from research.compression.quantize import INT4_GROUPS, MODES
+from research.errors import UserError
+
+STAGES = ("prune", "quantize")
+METHODS = ("rtn", "gptq")
+BASELINES = ("q8_0", "q4_0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    """launch.compress: stages in order, then every stage judged against the original.
+
+    Attributes:
+      stages: the stages to run, in order, each on the previous one's output: "prune"
+        (drop prune_layers whole layers, research/compression/prune.py), "quantize".
+      prune_layers: layers the prune stage removes (the least influential on calibration
+        text; the first and last are kept).
+      quant: "int8" (per output channel) or "int4" (groups of quant_group inputs).
+      quant_group: k per int4 scale: 32, 64 or 128.
+      method: "rtn" (round to nearest) or "gptq" (error-compensating, from calibration text).
+      calibration_sequences, calibration_len: GPTQ's calibration text (the bundled corpus).
+      eval_window: tokens per held-out window; the second half of each is scored.
+      eval_tokens: held-out tokens to use (0: the whole shipped set, about 100k+).
+      baselines: llama.cpp quantizations (made by the `gguf` package's own quantizers) put
+        through the same evaluator: "q8_0", "q4_0".
+      speed_tokens: tokens decoded at batch 1 to time each model (0 skips timing).
+      speed_reps: timed repetitions (median).
+    """
+
+    stages: tuple[str, ...] = ("quantize",)
+    prune_layers: int = 0
+    quant: str = "int8"
+    quant_group: int = 32
+    method: str = "rtn"
+    calibration_sequences: int = 128
+    calibration_len: int = 512
+    eval_window: int = 512
+    eval_tokens: int = 0
+    baselines: tuple[str, ...] = BASELINES
+    speed_tokens: int = 64
+    speed_reps: int = 3
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(self.stages))  # Gin gives lists.
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise UserError(f"compress.stages has {stage!r}; stages are {STAGES}.")
+        if not self.stages:
+            raise UserError(f"compress.stages is empty; choose from {STAGES}.")
+        if self.quant not in MODES[1:]:
+            raise UserError(f"compress.quant={self.quant!r} is not one of {MODES[1:]}.")
+        if self.quant == "int4" and self.quant_group not in INT4_GROUPS:
+            raise UserError(f"compress.quant_group={self.quant_group} is not one of {INT4_GROUPS}.")
+        if self.method not in METHODS:
+            raise UserError(f"compress.method={self.method!r} is not one of {METHODS}.")
+        for name in self.baselines:
+            if name not in BASELINES:
+                raise UserError(f"compress.baselines has {name!r}; choose from {BASELINES}.")
+        if self.eval_window < 4 or self.eval_window % 2:
+            raise UserError(f"compress.eval_window={self.eval_window} must be even and >= 4.")
+        for name in ("calibration_sequences", "calibration_len", "speed_reps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"compress.{name}={getattr(self, name)} must be >= 1.")
+        if "prune" in self.stages and self.prune_layers < 1:
+            raise UserError(
+                f"compress.prune_layers={self.prune_layers}: the prune stage needs >= 1 layer "
+                "to remove (e.g. 10 takes SmolLM2 from 30 to 20 layers)."
+            )
+        for name in ("eval_tokens", "speed_tokens"):
+            if getattr(self, name) < 0:
+                raise UserError(f"compress.{name}={getattr(self, name)} must be >= 0.")

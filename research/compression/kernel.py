@@ -1,0 +1,54 @@
+"""The C++ quantized matmul (qmatmul.cc) behind jax.ffi, and its pure-JAX reference.
+
+`make kernels` builds research/compression/_build/libcirrus_qmatmul.so (every make target
+that runs Python depends on it). Without it, `available()` is False (with one warning) and
+quantized models dequantize before XLA's dot: correct, but slower than float32 on CPU.
+"""
+
+import ctypes
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build", "libcirrus_qmatmul.so")
+TARGET = "cirrus_qmatmul"
+
+
+@functools.cache
+def _library():
+    if not os.path.exists(LIBRARY):
+        logging.warning(
+            "%s is missing: quantized models will dequantize before each matmul (slow on "
+            "CPU); build the kernel with `make kernels`.",
+            LIBRARY,
+        )
+        return None
+    library = ctypes.cdll.LoadLibrary(LIBRARY)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.CirrusQMatmul), platform="cpu")
+    return library
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def isa() -> str:
+    """The instruction set the kernel chose on this CPU: "avx512" or "portable"."""
+    library = _library()
+    if library is None:
+        return "none"
+    return "avx512" if library.cirrus_qmatmul_isa() == 512 else "portable"
+
+
+def qmatmul(x_mk, q, scale, *, bits: int, group: int):
+    """x [M, K] f32 -> [M, N] f32 against the quantized [K, N] matrix (quantize.py's form)."""
+    if _library() is None:
+        raise RuntimeError(f"{LIBRARY} is missing; build it with `make kernels`.")
+    m, n = x_mk.shape[0], scale.shape[-1]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
+    return call(
+        x_mk.astype(jnp.float32), q, scale.astype(jnp.float32), bits=int(bits), group=int(group)
+    )

@@ -1,0 +1,284 @@
+"""Weight quantization: the quantized form Dense and Embedding read, and how a model gets it.
+
+A quantized [K, N] matrix (inputs K, output channels N) stands for
+  w[k, n] = q[k, n] * scale[k // group, n]
+- int8: q in [-127, 127], one scale per output channel (group = K, scale [1, N]);
+- int4: q in [-8, 7], one scale per `group` (32 / 64 / 128) consecutive k of each column, as
+  llama.cpp's Q4_0 blocks (the largest-magnitude value of a group maps to -8, so all 16
+  levels are used).
+q is stored k-interleaved: each 32-bit word holds L consecutive k of one column (L = 4 int8
+values, or 8 int4 nibbles, value + 8, nibble j at bits 4j), words ordered [K / L, N]; the
+array is [K / L, N, 4] bytes. A block of L rows is then one contiguous run of memory, which
+the kernel streams at full bandwidth (a row-major [K, N] int8 matrix read in column strips ran
+at 9 GB/s from DRAM, this at 40+). Dense keeps its output axes' logical names (a quantized
+model shards over outputs as the float one does); its input axes become one K. A tied
+embedding is stored as its [D, V] transpose: the LM head is then the same matmul, and a token
+lookup gathers one column.
+
+`qdot` is the one matmul over that form: on CPU, small row counts (decode) go through the
+C++ kernel (research/compression/kernel.py), which dequantizes in registers; elsewhere, and
+for prefill, the weight is dequantized and XLA's dot runs (a weight-sized temporary, paid once
+per many rows).
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.errors import UserError
+
+MODES = ("none", "int8", "int4")
+INT4_GROUPS = (32, 64, 128)
+# Rows of x up to which the CPU kernel beats dequantize-then-dot: it widens weights to f32 and
+# runs f32 FMAs, so past a few rows it is compute-bound (bench/qmatmul.py, M = 16).
+KERNEL_MAX_ROWS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How a [K, N] matrix is stored: bits 8 (per channel) or 4 (per group of k)."""
+
+    bits: int
+    group: int  # Consecutive k sharing one scale; K for int8.
+
+    @classmethod
+    def of(cls, mode: str, group: int, k: int) -> "QuantSpec":
+        if mode == "int8":
+            if k % 4:
+                raise UserError(f"int8 needs input sizes divisible by 4; a matrix has {k}.")
+            return cls(8, k)
+        if k % group or group % 8:
+            raise UserError(
+                f"model.quant_group={group} must be a multiple of 8 that divides the input size "
+                f"{k} of every quantized matrix; of {INT4_GROUPS}, SmolLM2 (d_model 576) takes "
+                "32 or 64."
+            )
+        return cls(4, group)
+
+    @property
+    def per_word(self) -> int:
+        """k per 32-bit word: L."""
+        return 32 // self.bits
+
+    @property
+    def dtype(self):
+        return jnp.int8 if self.bits == 8 else jnp.uint8
+
+
+def check_mode(mode: str, group: int) -> None:
+    if mode not in MODES:
+        raise UserError(f"model.quant={mode!r} is not one of {MODES}.")
+    if mode == "int4" and (group <= 0 or group % 8):
+        raise UserError(f"model.quant_group={group} must be a positive multiple of 8 (32, 64).")
+
+
+# --- Storage (NumPy or jnp) ------------------------------------------------------------------
+
+
+def pack(q_kn, bits: int):
+    """int values [K, N] -> the stored [K / L, N, 4] bytes (int8 for 8 bits, uint8 for 4)."""
+    q = np.asarray(q_kn)
+    k, n = q.shape
+    per_word = 32 // bits
+    words = q.reshape(k // per_word, per_word, n).transpose(0, 2, 1)  # [K / L, N, L]
+    if bits == 8:
+        return np.ascontiguousarray(words.astype(np.int8))
+    u = (words.astype(np.int16) + 8).astype(np.uint8)
+    return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
+
+
+def unpack(stored, bits: int):
+    """The stored [K / L, N, 4] bytes -> int8 values [K, N] (NumPy or jnp, as given)."""
+    xp = jnp if isinstance(stored, jax.Array) else np
+    kw, n, _ = stored.shape
+    if bits == 8:
+        words = stored
+    else:
+        low = (stored & 0xF).astype(xp.int8) - 8
+        high = (stored >> 4).astype(xp.int8) - 8
+        words = xp.stack([low, high], axis=-1).reshape(kw, n, 8)
+    return words.transpose(0, 2, 1).reshape(kw * words.shape[-1], n).astype(xp.int8)
+
+
+def quantize_int8(w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest per output channel: (stored int8 [K / 4, N, 4], scale [1, N])."""
+    w = np.asarray(w_kn, np.float32)
+    scale = np.abs(w).max(axis=0, keepdims=True) / 127.0
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint(w / safe), -127, 127).astype(np.int8)
+    return pack(q, 8), scale.astype(np.float32)
+
+
+def int4_scales(w_kn: np.ndarray, group: int) -> np.ndarray:
+    """Q4_0's scale per group: the signed value of largest magnitude over -8, [K / group, N]."""
+    k, n = w_kn.shape
+    w = np.asarray(w_kn, np.float32).reshape(k // group, group, n)
+    idx = np.abs(w).argmax(axis=1)
+    extreme = np.take_along_axis(w, idx[:, None, :], axis=1)[:, 0, :]
+    return (extreme / -8.0).astype(np.float32)
+
+
+def quantize_int4(
+    w_kn: np.ndarray, group: int, scale: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Round-to-nearest in groups of `group` k: (stored [K / 8, N, 4] uint8, scale [K / g, N])."""
+    k, n = w_kn.shape
+    if scale is None:
+        scale = int4_scales(w_kn, group)
+    full = np.repeat(scale, group, axis=0)
+    safe = np.where(full != 0, full, 1.0)
+    q = np.clip(np.rint(np.asarray(w_kn, np.float32) / safe), -8, 7)
+    return pack(q, 4), scale
+
+
+def quantize(w_kn: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    if spec.bits == 8:
+        return quantize_int8(w_kn)
+    return quantize_int4(w_kn, spec.group)
+
+
+def dequantize(q, scale, spec: QuantSpec):
+    """The float32 [K, N] matrix a stored (q, scale) stands for (NumPy or jnp)."""
+    xp = jnp if isinstance(q, jax.Array) else np
+    values = unpack(q, spec.bits)
+    k = values.shape[0]
+    grouped = values.reshape(k // spec.group, spec.group, -1).astype(xp.float32)
+    return (grouped * scale[:, None, :].astype(xp.float32)).reshape(k, -1)
+
+
+# --- The matmul ------------------------------------------------------------------------------
+
+
+def _dequantized_dot(x_mk, q, scale, spec: QuantSpec):
+    w_kn = dequantize(q, scale, spec).astype(x_mk.dtype)
+    return jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32)
+
+
+def qdot(x_mk, q, scale, spec: QuantSpec):
+    """x [M, K] -> [M, N] float32, against the stored matrix (q [K / L, *out, 4] and scale
+    [G, *out] are viewed as [K / L, N, 4] and [G, N])."""
+    n = math.prod(scale.shape[1:])
+    q2, s2 = q.reshape(-1, n, 4), scale.reshape(-1, n)
+    from research.compression import kernel  # Loads the C++ library on first use.
+
+    if x_mk.shape[0] <= KERNEL_MAX_ROWS and kernel.available():
+        return jax.lax.platform_dependent(
+            x_mk.astype(jnp.float32),
+            q2,
+            s2,
+            cpu=lambda a, b, c: kernel.qmatmul(a, b, c, bits=spec.bits, group=spec.group),
+            default=lambda a, b, c: _dequantized_dot(a, b, c, spec),
+        )
+    return _dequantized_dot(x_mk, q2, s2, spec)
+
+
+# --- Quantizing a model ----------------------------------------------------------------------
+
+
+def quantize_params(model_config, params, mode: str, group: int = 32, overrides=None):
+    """A float model's (config, params) -> (quantized config, quantized params).
+
+    Every Dense kernel and the embedding table are quantized; norms, biases and learned
+    positions stay float32. `overrides` (optional) maps a matrix's path (a tuple of keys, e.g.
+    ("layers", 0, "mlp", "up_proj", "kernel")) to its (q, scale) in the [K, N] form, made by
+    an error-compensating method (GPTQ) instead of round-to-nearest.
+    params: an nnx.State or its pure dict; the result is a pure dict of NumPy arrays.
+    """
+    from flax import nnx
+
+    from research.model import Decoder
+
+    check_mode(mode, group)
+    if mode == "none":
+        raise UserError("compress.quant must be 'int8' or 'int4' to quantize.")
+    if model_config.quant != "none":
+        raise UserError(
+            f"the model is already quantized ({model_config.quant}); quantize the float model."
+        )
+    qconfig = model_config.replace(quant=mode, quant_group=group)
+    abstract = nnx.eval_shape(lambda: Decoder(qconfig, rngs=nnx.Rngs(0)))
+    target = nnx.state(abstract, nnx.Param).to_pure_dict()
+    source = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
+    overrides = overrides or {}
+
+    def fill(src, dst, path):
+        for key, value in src.items():
+            here = (*path, key)
+            if isinstance(value, dict):
+                fill(value, dst[key], here)
+            elif key == "kernel":  # A Dense [*in, *out] -> kernel_q [*in', *out], scale [G, *out].
+                shape = dst["scale"].shape
+                n = math.prod(shape[1:])
+                w_kn = np.asarray(value).reshape(-1, n)
+                spec = QuantSpec.of(mode, group, w_kn.shape[0])
+                q, scale = overrides.get(here) or quantize(w_kn, spec)
+                dst["kernel_q"] = q.reshape(dst["kernel_q"].shape)
+                dst["scale"] = scale.reshape(shape)
+            elif key == "embedding" and "embedding_q" in dst:  # [V, D] -> [D, V].
+                w_kn = np.asarray(value).T
+                spec = QuantSpec.of(mode, group, w_kn.shape[0])
+                q, scale = overrides.get(here) or quantize(w_kn, spec)
+                dst["embedding_q"], dst["scale"] = q, scale
+            else:
+                dst[key] = np.asarray(value)
+
+    fill(source, target, ())
+    return qconfig, target
+
+
+def weight_bytes(params) -> int:
+    """Bytes of every parameter array (quantized or not)."""
+    leaves = jax.tree.leaves(params.to_pure_dict() if hasattr(params, "to_pure_dict") else params)
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves)
+
+
+def dequantize_params(model_config, params):
+    """The inverse of quantize_params: (float config, float32 pure dict) that the quantized
+    model stands for (for training from it, or exporting it to transformers)."""
+    if model_config.quant == "none":
+        return model_config, params
+    config = model_config.replace(quant="none")
+    source = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
+
+    bits = 8 if model_config.quant == "int8" else 4
+
+    def matrix(q, scale):  # Stored (q, scale) -> float [K, N].
+        k = q.shape[0] * 32 // bits
+        n = math.prod(scale.shape[1:])
+        spec = QuantSpec(bits, k // scale.shape[0])
+        return dequantize(q.reshape(q.shape[0], n, 4), scale.reshape(-1, n), spec)
+
+    def walk(node, path):
+        out = {}
+        for key, value in node.items():
+            if not isinstance(value, dict):
+                out[key] = np.asarray(value)
+            elif "kernel_q" in value:  # A Dense: back to [*in, *out].
+                q, scale = np.asarray(value["kernel_q"]), np.asarray(value["scale"])
+                in_shape = in_shapes[(*path, key)]
+                rest = {
+                    k: np.asarray(v) for k, v in value.items() if k not in ("kernel_q", "scale")
+                }
+                out[key] = {**rest, "kernel": matrix(q, scale).reshape(*in_shape, *scale.shape[1:])}
+            elif "embedding_q" in value:  # [D, V] -> [V, D].
+                q, scale = np.asarray(value["embedding_q"]), np.asarray(value["scale"])
+                out[key] = {"embedding": matrix(q, scale).T}
+            else:
+                out[key] = walk(value, (*path, key))
+        return out
+
+    # The input axes of each Dense, from the float model's shapes.
+    from flax import nnx
+
+    from research.model import Decoder, Dense
+
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+    in_shapes = {
+        tuple(path): module.kernel.shape[: module.num_in]
+        for path, module in nnx.iter_graph(abstract)
+        if isinstance(module, Dense)
+    }
+    return config, walk(source, ())

@@ -1,0 +1,88 @@
+"""The C++ quantized matmul against NumPy, on odd shapes, for every instruction-set path."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.compression import kernel
+from research.compression import quantize as qz
+
+pytestmark = pytest.mark.skipif(not kernel.available(), reason="kernel not built (make kernels)")
+
+# (M, K, N): one row and several, K of one word row and many, N not a multiple of 16.
+SHAPES = [(1, 8, 1), (1, 64, 7), (3, 136, 65), (5, 576, 192), (17, 64, 577), (2, 1536, 33)]
+FORMS = [(8, None), (4, 8), (4, 32)]
+
+
+def check_all_shapes(seed: int = 0) -> float:
+    """Largest error of the kernel relative to float64 NumPy over SHAPES x FORMS."""
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for bits, group in FORMS:
+        for m, k, n in SHAPES:
+            if bits == 4 and k % group:
+                continue
+            spec = qz.QuantSpec(bits, group or k)
+            q, scale = qz.quantize(rng.normal(size=(k, n)).astype(np.float32), spec)
+            x = rng.normal(size=(m, k)).astype(np.float32)
+            expected = x.astype(np.float64) @ qz.dequantize(q, scale, spec).astype(np.float64)
+            fn = jax.jit(
+                lambda a, b, c, s=spec: kernel.qmatmul(a, b, c, bits=s.bits, group=s.group)
+            )
+            got = np.asarray(fn(x, q, scale))
+            assert got.shape == (m, n)
+            worst = max(worst, float(np.abs(got - expected).max() / np.abs(expected).max()))
+    return worst
+
+
+def test_kernel_matches_numpy_on_odd_shapes():
+    assert check_all_shapes() < 1e-5
+
+
+@pytest.mark.parametrize("isa", ["scalar"])
+def test_portable_path_matches_numpy(isa):
+    """The path CPUs without AVX-512 take (forced: the choice is made once per process)."""
+    code = (
+        "from tests.compression.test_kernel import check_all_shapes; "
+        "from research.compression import kernel; "
+        "assert kernel.isa() == 'portable', kernel.isa(); print(check_all_shapes(1))"
+    )
+    env = {**os.environ, "CIRRUS_QMATMUL_ISA": isa, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_stored_layout_round_trips():
+    rng = np.random.default_rng(2)
+    for bits, low, high in [(8, -127, 128), (4, -8, 8)]:
+        q = rng.integers(low, high, size=(16, 5))
+        stored = qz.pack(q, bits)
+        assert stored.shape == (16 * bits // 32, 5, 4)
+        np.testing.assert_array_equal(qz.unpack(stored, bits), q)
+        np.testing.assert_array_equal(np.asarray(qz.unpack(jnp.asarray(stored), bits)), q)
+    # int8: byte j of word (w, n) is row 4w + j; int4: nibble j (bits 4j) is row 8w + j.
+    q8 = np.arange(8 * 3).reshape(8, 3) - 12
+    assert qz.pack(q8, 8)[1, 2, 3] == q8[7, 2]
+    q4 = rng.integers(-8, 8, size=(8, 2))
+    word = int.from_bytes(qz.pack(q4, 4)[0, 1].tobytes(), "little")
+    assert [(word >> (4 * j)) & 0xF for j in range(8)] == list(q4[:, 1] + 8)
+
+
+def test_compiled_decode_matmul_reads_the_int8_weight_in_place():
+    """No f32 copy of the weight in the compiled program (XLA's convert-then-dot makes one)."""
+    k, n = 576, 1536
+    spec = qz.QuantSpec(8, k)
+    q, scale = qz.quantize(np.random.default_rng(3).normal(size=(k, n)).astype(np.float32), spec)
+    fn = jax.jit(lambda x, q, s: qz.qdot(x, q, s, spec))
+    compiled = fn.lower(jnp.ones((1, k)), q, scale).compile()
+    assert "cirrus_qmatmul" in compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes < k * n  # Not even an int8 copy.
+    x = np.random.default_rng(4).normal(size=(1, k)).astype(np.float32)
+    expected = x @ qz.dequantize(q, scale, spec)
+    np.testing.assert_allclose(np.asarray(fn(x, q, scale)), expected, rtol=1e-4, atol=1e-4)
