@@ -4,9 +4,11 @@ fp32, HF transformers generate (fp32) and llama.cpp, all in the same run.
 
   .venv/bin/python bench/compress.py [--eval_tokens 32768] [--reps 5] [--rounds 2] [--no_peers]
 
-Quality (research/compression/evaluate.py, windows of 512, second half scored): int8, int4
-g32 round-to-nearest, int4 g32 GPTQ (calibrated on the bundled corpus), and llama.cpp's Q8_0
-/ Q4_0 made by the `gguf` package's quantizers. Speed: greedy decode tokens/s at batch 1
+Quality (research/compression/evaluate.py, windows of 512, second half scored): int8 in
+groups of 32 (the shipped recipe) and per output channel, int4 g32 round-to-nearest, int4 g32
+GPTQ (calibrated on the bundled corpus), and llama.cpp's Q8_0 / Q4_0 made by the `gguf`
+package's quantizers; the 20-layer model healed for --distill_steps by distillation and by
+cross-entropy alone (same data, steps, init). Speed: greedy decode tokens/s at batch 1
 through the serving Sampler (research/compression/speed.py: 16-token prompt, 64 new tokens),
 the median of --reps, best of --rounds (rounds interleave the models, so load from a neighbour
 hits all alike). Depth: SmolLM2 pruned from 30 to 20 layers by layer influence, decode speed
@@ -14,6 +16,7 @@ over the original. The last line is one JSON object.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,7 +32,15 @@ import numpy as np  # noqa: E402
 from bench.serve import hf_decode, prepare, smollm2_gguf  # noqa: E402
 from research.checkpoint.load import from_pretrained  # noqa: E402
 from research.checkpoint.pretrained import Pretrained, load_pretrained  # noqa: E402
-from research.compression import evaluate, gptq, kernel, prune, quantize, speed  # noqa: E402
+from research.compression import (  # noqa: E402
+    distill,
+    evaluate,
+    gptq,
+    kernel,
+    prune,
+    quantize,
+    speed,
+)
 
 NEW = 64
 
@@ -70,6 +81,7 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no_peers", action="store_true")
+    parser.add_argument("--distill_steps", type=int, default=60)
     args = parser.parse_args()
     if not kernel.available():
         sys.exit("build the kernel first: make kernels")
@@ -81,7 +93,8 @@ def main():
     def build(qconfig, qparams):
         return from_pretrained(Pretrained(qconfig, qparams, original.source, original.tokenizer))
 
-    models = {"int8": build(*quantize.quantize_params(config, params, "int8"))}
+    models = {"int8": build(*quantize.quantize_params(config, params, "int8", 32))}
+    models["int8_per_channel"] = build(*quantize.quantize_params(config, params, "int8", 0))
     models["int4_g32"] = build(*quantize.quantize_params(config, params, "int4", 32))
     start = time.perf_counter()
     batches = calibration(original.tokenizer, args.calibration_sequences)
@@ -95,6 +108,26 @@ def main():
     keep = prune.least_important(importance, config.num_layers - 20)
     depth20 = build(*prune.drop_layers(config, params, keep))
 
+    # Healing the 20-layer model, same data, steps and init: distillation vs cross-entropy.
+    from research.data.corpus import default_corpus_documents
+
+    healed, distill_s = {}, {}
+    for name, alpha in (("distilled", 0.9), ("ce_only", 0.0)):
+        settings = distill.DistillConfig(
+            steps=args.distill_steps, batch_size=4, seq_len=128, alpha=alpha
+        )
+        batches_ = distill.token_batches(original.tokenizer, default_corpus_documents(), 4, 128)
+        start = time.perf_counter()
+        healed_params, _ = distill.distill(
+            (depth20.graphdef, depth20.params),
+            (reference.graphdef, reference.params),
+            batches_,
+            settings,
+            log=_log,
+        )
+        distill_s[name] = time.perf_counter() - start
+        healed[name] = dataclasses.replace(depth20, params=healed_params)
+
     # Quality.
     tokens = evaluate.heldout_tokens(original.tokenizer, max_tokens=args.eval_tokens)
     candidates = dict(models)
@@ -103,6 +136,8 @@ def main():
         clone.params = evaluate.gguf_baseline(reference.params, kind)
         candidates[kind] = clone
     candidates["depth20 (no healing)"] = depth20
+    candidates["depth20 distilled"] = healed["distilled"]
+    candidates["depth20 ce_only"] = healed["ce_only"]
     start = time.perf_counter()
     quality = evaluate.compare(reference, candidates, tokens, window=512, log=_log)
     quality_s = time.perf_counter() - start
@@ -151,7 +186,14 @@ def main():
         "int8_top1": quality["int8"]["top1"],
         "int4_rtn_kl_over_q4_0": quality["int4_g32"]["kl"] / quality["q4_0"]["kl"],
         "int4_kl_over_q4_0": quality["int4_g32_gptq"]["kl"] / quality["q4_0"]["kl"],
-        "distill_ppl_over_ce_only": None,  # Distillation is not built yet (issue #12 note).
+        "distill_ppl_over_ce_only": quality["depth20 distilled"]["ppl"]
+        / quality["depth20 ce_only"]["ppl"],
+        "distill_recovered_fraction": (
+            quality["depth20 (no healing)"]["ppl"] - quality["depth20 distilled"]["ppl"]
+        )
+        / (quality["depth20 (no healing)"]["ppl"] - quality["reference"]["ppl"]),
+        "distill_tokens": args.distill_steps * 4 * 128,
+        "distill_s": distill_s,
         "depth20_decode_speedup": ratio(best["depth20"], best["fp32"]),
         "depth20_layers_kept": keep,
         "gptq_s": gptq_s,

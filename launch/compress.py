@@ -19,7 +19,7 @@ from launch import cli
 from launch import config as gin_config
 from research.checkpoint.load import from_pretrained
 from research.checkpoint.pretrained import Pretrained, load_pretrained, save_as_run
-from research.compression import evaluate, gptq, prune, quantize, report, speed
+from research.compression import distill, evaluate, gptq, prune, quantize, report, speed
 from research.compression.config import CompressConfig
 from research.errors import UserError
 
@@ -52,7 +52,7 @@ def main(argv):
     models, current = {}, original
     for stage in config.stages:
         _log(f"stage {stage}")
-        current = _run_stage(stage, current, config)
+        current = _run_stage(stage, current, config, original, workdir)
         models[_stage_name(stage, config)] = current
 
     tokens = evaluate.heldout_tokens(original.tokenizer, max_tokens=config.eval_tokens or None)
@@ -116,16 +116,22 @@ def main(argv):
 def _stage_name(stage: str, config: CompressConfig) -> str:
     if stage == "prune":
         return f"pruned -{config.prune_layers} layers"
+    if stage == "distill":
+        return f"distilled {config.distill_steps} steps"
     if stage == "quantize":
-        group = f" g{config.quant_group}" if config.quant == "int4" else ""
+        group = f" g{config.quant_group}" if config.quant_group else ""
         return f"{config.quant}{group} {config.method}"
     return stage
 
 
-def _run_stage(stage: str, model: Pretrained, config: CompressConfig) -> Pretrained:
+def _run_stage(
+    stage: str, model: Pretrained, config: CompressConfig, original: Pretrained, workdir: str
+) -> Pretrained:
     """One stage: a Pretrained in, a Pretrained out (params as NumPy or nnx.State)."""
     if stage == "prune":
         return _prune(model, config)
+    if stage == "distill":
+        return _distill(model, original, config, workdir)
     overrides = None
     if config.method == "gptq":
         batches = _calibration_batches(model, config)
@@ -155,6 +161,32 @@ def _prune(model: Pretrained, config: CompressConfig) -> Pretrained:
     _log(f"layer influence: {np.round(importance, 4).tolist()}; dropping layers {dropped}")
     pconfig, pparams = prune.drop_layers(model.model_config, model.params, keep)
     return Pretrained(pconfig, pparams, model.source, model.tokenizer)
+
+
+def _distill(model: Pretrained, teacher: Pretrained, config: CompressConfig, workdir: str):
+    from research.data.corpus import default_corpus_documents
+
+    student, teacher_model = from_pretrained(model), from_pretrained(teacher)
+    settings = distill.DistillConfig(
+        steps=config.distill_steps,
+        batch_size=config.distill_batch_size,
+        seq_len=min(config.distill_seq_len, model.model_config.max_seq_len - 1),
+        learning_rate=config.distill_learning_rate,
+        alpha=config.distill_alpha,
+        temperature=config.distill_temperature,
+    )
+    batches = distill.token_batches(
+        model.tokenizer, default_corpus_documents(), settings.batch_size, settings.seq_len
+    )
+    params, history = distill.distill(
+        (student.graphdef, student.params),
+        (teacher_model.graphdef, teacher_model.params),
+        batches,
+        settings,
+        log=_log,
+    )
+    distill.plot_history(history, os.path.join(workdir, "distill_loss.png"))
+    return Pretrained(model.model_config, params, model.source, model.tokenizer)
 
 
 def _calibration_batches(model: Pretrained, config: CompressConfig, batch: int = 4):

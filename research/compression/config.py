@@ -5,7 +5,7 @@ import dataclasses
 from research.compression.quantize import INT4_GROUPS, MODES
 from research.errors import UserError
 
-STAGES = ("prune", "quantize")
+STAGES = ("prune", "distill", "quantize")
 METHODS = ("rtn", "gptq")
 BASELINES = ("q8_0", "q4_0")
 
@@ -19,8 +19,13 @@ class CompressConfig:
         (drop prune_layers whole layers, research/compression/prune.py), "quantize".
       prune_layers: layers the prune stage removes (the least influential on calibration
         text; the first and last are kept).
+      distill_*: the distill stage trains the current model (e.g. the pruned one) towards the
+        original's logits on the bundled corpus: steps, batch_size x seq_len tokens a step,
+        learning_rate (AdamW, warmup then cosine), alpha (weight of T^2 * KL against
+        cross-entropy; 0 = cross-entropy only) and temperature T.
       quant: "int8" (per output channel) or "int4" (groups of quant_group inputs).
-      quant_group: k per int4 scale: 32, 64 or 128.
+      quant_group: k per scale: int4 32, 64 or 128; int8 0 (per output channel) or a
+        multiple of 4 (32: llama.cpp Q8_0's blocks).
       method: "rtn" (round to nearest) or "gptq" (error-compensating, from calibration text).
       calibration_sequences, calibration_len: GPTQ's calibration text (the bundled corpus).
       eval_window: tokens per held-out window; the second half of each is scored.
@@ -33,6 +38,12 @@ class CompressConfig:
 
     stages: tuple[str, ...] = ("quantize",)
     prune_layers: int = 0
+    distill_steps: int = 100
+    distill_batch_size: int = 4
+    distill_seq_len: int = 128
+    distill_learning_rate: float = 3e-4
+    distill_alpha: float = 0.9
+    distill_temperature: float = 1.0
     quant: str = "int8"
     quant_group: int = 32
     method: str = "rtn"
@@ -54,7 +65,7 @@ class CompressConfig:
             raise UserError(f"compress.stages is empty; choose from {STAGES}.")
         if self.quant not in MODES[1:]:
             raise UserError(f"compress.quant={self.quant!r} is not one of {MODES[1:]}.")
-        if self.quant == "int4" and self.quant_group not in INT4_GROUPS:
+        if self.quant == "int4" and self.quant_group not in INT4_GROUPS:  # int8: ModelConfig.
             raise UserError(f"compress.quant_group={self.quant_group} is not one of {INT4_GROUPS}.")
         if self.method not in METHODS:
             raise UserError(f"compress.method={self.method!r} is not one of {METHODS}.")
@@ -70,6 +81,23 @@ class CompressConfig:
             raise UserError(
                 f"compress.prune_layers={self.prune_layers}: the prune stage needs >= 1 layer "
                 "to remove (e.g. 10 takes SmolLM2 from 30 to 20 layers)."
+            )
+        order = {stage: i for i, stage in enumerate(self.stages)}
+        if order.get("distill", -1) > order.get("quantize", len(self.stages)):
+            raise UserError(
+                "compress.stages: distill before quantize (quantized weights do not train)."
+            )
+        for name in ("distill_steps", "distill_batch_size", "distill_seq_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"compress.{name}={getattr(self, name)} must be >= 1.")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            raise UserError(
+                f"compress.distill_alpha={self.distill_alpha} must be in [0, 1] and "
+                f"compress.distill_temperature={self.distill_temperature} positive."
+            )
+        if not self.distill_learning_rate > 0:
+            raise UserError(
+                f"compress.distill_learning_rate={self.distill_learning_rate} must be positive."
             )
         for name in ("eval_tokens", "speed_tokens"):
             if getattr(self, name) < 0:

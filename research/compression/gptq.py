@@ -35,18 +35,22 @@ def quantize_matrix(
 
     qmax, qmin = (127, -127) if spec.bits == 8 else (7, -8)
     group = spec.group
-    if spec.bits == 8:
+    per_channel = spec.bits == 8 and group == k_dim
+    if per_channel:
         scales = (np.abs(w).max(axis=0, keepdims=True) / 127.0).astype(np.float32)
     else:
         scales = np.zeros((k_dim // group, n), np.float32)
-    block = max(block // group, 1) * group if spec.bits == 4 else block
+    block = block if per_channel else max(block // group, 1) * group
     q = np.zeros((k_dim, n), np.int8)
     for b0 in range(0, k_dim, block):
         b1 = min(b0 + block, k_dim)
         errors = np.zeros((b1 - b0, n), np.float32)
         for k in range(b0, b1):
-            if spec.bits == 4 and k % group == 0:  # The group's scale, from the updated rows.
-                scales[k // group] = int4_scales(w[k : k + group], group)[0]
+            if not per_channel and k % group == 0:  # The group's scale, from updated rows.
+                rows = w[k : k + group]
+                scales[k // group] = (
+                    int4_scales(rows, group)[0] if spec.bits == 4 else np.abs(rows).max(0) / 127
+                )
             scale = scales[k // group]
             safe = np.where(scale != 0, scale, 1.0)
             q[k] = np.clip(np.rint(w[k] / safe), qmin, qmax)
@@ -58,8 +62,9 @@ def quantize_matrix(
 
 
 @contextlib.contextmanager
-def _recording(model, hessians: dict, counts: dict):
-    """Makes every Dense of `model` add its inputs' X^T X to hessians[path] while active."""
+def _recording(model, sums: dict):
+    """Makes every Dense of `model` add its inputs' (X^T X, rows) to sums[path] while active
+    (traced: the values are the jitted function's outputs)."""
     from research.model import Dense
 
     paths = {
@@ -73,9 +78,9 @@ def _recording(model, hessians: dict, counts: dict):
         path = paths.get(id(self))
         if path is not None:
             x_mk = x.reshape(-1, math.prod(x.shape[x.ndim - self.num_in :])).astype(jnp.float32)
-            xtx = np.asarray(jnp.dot(x_mk.T, x_mk, precision=jax.lax.Precision.HIGHEST))
-            hessians[path] = hessians.get(path, 0.0) + xtx.astype(np.float64)
-            counts[path] = counts.get(path, 0) + x_mk.shape[0]
+            xtx = jnp.dot(x_mk.T, x_mk, precision=jax.lax.Precision.HIGHEST)
+            total, rows = sums.get(path, (0.0, 0))
+            sums[path] = (total + xtx, rows + x_mk.shape[0])
         return original(self, x)
 
     Dense.__call__ = call
@@ -86,13 +91,26 @@ def _recording(model, hessians: dict, counts: dict):
 
 
 def collect_hessians(graphdef, params, batches, log=print) -> dict:
-    """{kernel path: H = 2 X^T X / rows} over `batches` (an iterable of [B, T] token arrays)."""
-    model = nnx.merge(graphdef, params)
+    """{kernel path: H = 2 X^T X / rows} over `batches` (an iterable of [B, T] token arrays),
+    one jitted float forward per batch."""
+    rows = {}
+
+    def forward(params, tokens):
+        model = nnx.merge(graphdef, params)
+        sums = {}
+        with _recording(model, sums):
+            model(tokens)
+        rows.update({path: count for path, (_, count) in sums.items()})
+        return {path: total for path, (total, _) in sums.items()}
+
+    forward = jax.jit(forward)
     hessians, counts = {}, {}
-    with _recording(model, hessians, counts):
-        for i, tokens in enumerate(batches):
-            jax.block_until_ready(model(jnp.asarray(tokens)))
-            log(f"calibration batch {i + 1}: {np.size(tokens)} tokens")
+    for i, tokens in enumerate(batches):
+        sums = jax.device_get(forward(params, jnp.asarray(tokens)))
+        for path, xtx in sums.items():
+            hessians[path] = hessians.get(path, 0.0) + np.asarray(xtx, np.float64)
+            counts[path] = counts.get(path, 0) + rows[path]
+        log(f"calibration batch {i + 1}: {np.size(tokens)} tokens")
     return {path: 2.0 * h / counts[path] for path, h in hessians.items()}
 
 

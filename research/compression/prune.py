@@ -15,8 +15,9 @@ from flax import nnx
 
 
 @contextlib.contextmanager
-def _recording(model, scores: dict, counts: dict):
-    """Makes every Block of `model` add sum over tokens of 1 - cos(in, out) to scores[i]."""
+def _recording(model, scores: dict):
+    """Makes every Block of `model` add (sum over tokens of 1 - cos(in, out), tokens) to
+    scores[i] while active (traced: the jitted function returns them)."""
     from research.model import Block
 
     index = {id(layer): i for i, layer in enumerate(model.layers)}
@@ -28,8 +29,7 @@ def _recording(model, scores: dict, counts: dict):
         if i is not None:
             x, y = x_btd.astype(jnp.float32), y_btd.astype(jnp.float32)
             cos = jnp.sum(x * y, -1) / (jnp.linalg.norm(x, axis=-1) * jnp.linalg.norm(y, axis=-1))
-            scores[i] = scores.get(i, 0.0) + float(jnp.sum(1.0 - cos))
-            counts[i] = counts.get(i, 0) + cos.size
+            scores[i] = (jnp.sum(1.0 - cos), cos.size)
         return y_btd
 
     Block.__call__ = call
@@ -41,12 +41,23 @@ def _recording(model, scores: dict, counts: dict):
 
 def layer_importance(graphdef, params, batches) -> np.ndarray:
     """[num_layers] Block Influence of each layer over `batches` ([B, T] token arrays)."""
-    model = nnx.merge(graphdef, params)
-    scores, counts = {}, {}
-    with _recording(model, scores, counts):
-        for tokens in batches:
-            jax.block_until_ready(model(jnp.asarray(tokens)))
-    return np.array([scores[i] / counts[i] for i in range(len(model.layers))])
+
+    def forward(params, tokens):
+        model = nnx.merge(graphdef, params)
+        scores = {}
+        with _recording(model, scores):
+            model(tokens)
+        return [scores[i][0] for i in range(len(scores))], [
+            scores[i][1] for i in range(len(scores))
+        ]
+
+    totals, count = 0.0, 0
+    compiled = jax.jit(forward)
+    for tokens in batches:
+        sums, sizes = compiled(params, jnp.asarray(tokens))
+        totals = totals + np.asarray(jax.device_get(sums), np.float64)
+        count += int(sizes[0])
+    return totals / count
 
 
 def drop_layers(model_config, params, keep: list[int]):

@@ -10,10 +10,11 @@
 // Why a kernel: XLA:CPU converts an int8 weight to a full f32 copy before a dot, so decode
 // would read 5 bytes per weight instead of 1. Here weights are widened in registers.
 //
-// Loop order: threads take contiguous ranges of word rows (blocks of L rows of the matrix),
-// so each streams one contiguous run of memory; within a block, columns go 64 at a time and
-// y holds the running sums (a thread other than the caller sums into its own buffer, added
-// at the end). int4 applies each group's scale per block; int8 scales once at the end.
+// Loop order: threads claim chunks of word rows (blocks of L rows of the matrix) from a
+// counter, so each streams contiguous runs of memory; within a word row, columns go 16 at a
+// time and y holds the running sums (a thread other than the caller sums into its own
+// buffer, added at the end). The caller never waits for a helper that has not started.
+// Grouped scales apply per word row; one scale per column (group = K) at the end.
 //
 // ISA: AVX-512 (F, BW, VL) where the CPU has it, else a portable loop the compiler
 // vectorises for the baseline ISA. CIRRUS_QMATMUL_ISA=scalar forces the portable path;
@@ -21,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -45,6 +47,7 @@ struct Problem {
   int64_t m, k, n, group;
   int bits;
   int64_t per_word;  // L.
+  bool grouped;  // Scales applied per block of rows (int4, grouped int8), else once per column.
 };
 
 // ---- Portable path --------------------------------------------------------------------------
@@ -67,7 +70,7 @@ void RowsPortable(const Problem& p, int64_t w0, int64_t w1, float* y) {
       for (int64_t c = 0; c < p.n; ++c) {
         float acc = 0.0f;
         for (int j = 0; j < p.per_word; ++j) acc += x[j] * Weight(p, w, c, j);
-        yr[c] += p.bits == 4 ? acc * s[c] : acc;
+        yr[c] += p.grouped ? acc * s[c] : acc;
       }
     }
   }
@@ -86,10 +89,12 @@ static int64_t PrefetchBytes() {
   return bytes;
 }
 
-template <int BITS>
+// GROUPED: a scale per block of rows, applied per word row; else one per column, at the end.
+template <int BITS, bool GROUPED>
 AVX512 void RowsAvx512(const Problem& p, int64_t w0, int64_t w1, float* __restrict y) {
   constexpr int L = BITS == 8 ? 4 : 8;
-  const __m512i nibble = _mm512_set1_epi32(0xF);
+  // The 16 int4 levels as floats: nibble u stands for u - 8.
+  const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t w = w0; w < w1; ++w) {
     const int64_t k0 = w * L;
     const uint8_t* __restrict words = p.q + 4 * w * p.n;
@@ -97,14 +102,7 @@ AVX512 void RowsAvx512(const Problem& p, int64_t w0, int64_t w1, float* __restri
     for (int64_t r = 0; r < p.m; ++r) {
       // This row's L inputs, broadcast once for the whole word row.
       __m512 xb[L];
-      float sum = 0.0f;
-      for (int j = 0; j < L; ++j) {
-        const float xj = p.x[r * p.k + k0 + j];
-        xb[j] = _mm512_set1_ps(xj);
-        sum += xj;
-      }
-      // Nibbles hold value + 8: start from -8 * sum of x.
-      const __m512 start = _mm512_set1_ps(BITS == 4 ? -8.0f * sum : 0.0f);
+      for (int j = 0; j < L; ++j) xb[j] = _mm512_set1_ps(p.x[r * p.k + k0 + j]);
       float* __restrict yr = y + r * p.n;
       for (int64_t col = 0; col < p.n; col += 16) {
         const __mmask16 mask =
@@ -113,16 +111,22 @@ AVX512 void RowsAvx512(const Problem& p, int64_t w0, int64_t w1, float* __restri
         // The stream is contiguous across word rows; hardware prefetch alone kept one core
         // at ~7 GB/s from DRAM on these VMs.
         _mm_prefetch(reinterpret_cast<const char*>(words + 4 * col) + PrefetchBytes(), _MM_HINT_T0);
-        __m512 acc = start;
+        if (GROUPED) {  // The next group's scales, a stream of their own.
+          _mm_prefetch(reinterpret_cast<const char*>(s + p.n + col), _MM_HINT_T0);
+        }
+        __m512 acc = _mm512_setzero_ps();
         for (int j = 0; j < L; ++j) {
-          const __m512i lane =
-              BITS == 8 ? _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24)
-                        : _mm512_and_si512(_mm512_srli_epi32(v, 4 * j), nibble);
-          acc = _mm512_fmadd_ps(xb[j], _mm512_cvtepi32_ps(lane), acc);
+          __m512 wj;
+          if (BITS == 8) {
+            wj = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24));
+          } else {  // vpermps reads the low 4 bits of each lane: the nibble picks its value.
+            wj = _mm512_permutexvar_ps(j ? _mm512_srli_epi32(v, 4 * j) : v, levels);
+          }
+          acc = _mm512_fmadd_ps(xb[j], wj, acc);
         }
         const __m512 prev = _mm512_maskz_loadu_ps(mask, yr + col);
         _mm512_mask_storeu_ps(yr + col, mask,
-                              BITS == 4 ? _mm512_fmadd_ps(acc, _mm512_maskz_loadu_ps(mask, s + col), prev)
+                              GROUPED ? _mm512_fmadd_ps(acc, _mm512_maskz_loadu_ps(mask, s + col), prev)
                                         : _mm512_add_ps(acc, prev));
       }
     }
@@ -151,12 +155,12 @@ Isa ChosenIsa() {
   return isa;
 }
 
-// Word rows [w0, w1) summed into y (zeroed first).
+// Word rows [w0, w1) added into y.
 void Rows(const Problem& p, int64_t w0, int64_t w1, float* y) {
-  std::fill(y, y + p.m * p.n, 0.0f);
 #ifdef CIRRUS_X86
   if (ChosenIsa() == Isa::kAvx512) {
-    return p.bits == 8 ? RowsAvx512<8>(p, w0, w1, y) : RowsAvx512<4>(p, w0, w1, y);
+    if (p.bits == 4) return RowsAvx512<4, true>(p, w0, w1, y);
+    return p.grouped ? RowsAvx512<8, true>(p, w0, w1, y) : RowsAvx512<8, false>(p, w0, w1, y);
   }
 #endif
   RowsPortable(p, w0, w1, y);
@@ -187,6 +191,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   p.group = group;
   p.bits = static_cast<int>(bits);
   p.per_word = 32 / std::max<int64_t>(bits, 1);
+  p.grouped = bits == 4 || group < xd[1];
   if ((bits != 8 && bits != 4) || group <= 0 || p.k % group || sd[0] != p.k / group ||
       group % p.per_word) {
     return ffi::Error::InvalidArgument("qmatmul: bad bits / group / scale shape");
@@ -208,30 +213,55 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   const int64_t bytes = word_rows * p.n * 4;
   int64_t parts = bytes < ParallelBytes() ? 1 : std::max<int64_t>(1, pool.num_threads());
   parts = std::min({parts, max_threads, word_rows});
-  const int64_t per = (word_rows + parts - 1) / parts;
-  // Part 0 sums into y; part i > 0 into its own slice of `partial`, added at the end.
-  std::vector<float> partial((parts - 1) * p.m * p.n);
-  std::atomic<int64_t> pending(parts - 1);
-  for (int64_t i = 1; i < parts; ++i) {
-    pool.Schedule([&, i] {
-      Rows(p, std::min(i * per, word_rows), std::min((i + 1) * per, word_rows),
-           partial.data() + (i - 1) * p.m * p.n);
-      pending.fetch_sub(1, std::memory_order_release);
-    });
-  }
-  Rows(p, 0, std::min(per, word_rows), out);
-  while (pending.load(std::memory_order_acquire) > 0) {
+  std::fill(out, out + p.m * p.n, 0.0f);
+  if (parts == 1) {
+    Rows(p, 0, word_rows, out);
+  } else {
+    // Chunks of word rows are claimed from a counter by the caller and by the helpers it
+    // schedules, each summing into its own buffer (the caller's is y). A helper the OS does
+    // not run (a busy machine) claims nothing: the caller does the work instead of waiting
+    // for it; the caller waits only for chunks already claimed. Late helpers find nothing
+    // left, and the shared state outlives them.
+    struct Shared {
+      Problem p;
+      int64_t chunks, per_chunk, word_rows;
+      std::atomic<int64_t> next{0}, done{0};
+      std::vector<float> partial;  // (parts - 1) buffers of M x N.
+    };
+    auto shared = std::make_shared<Shared>();
+    shared->p = p;
+    shared->chunks = std::min<int64_t>(word_rows, parts * 4);
+    shared->per_chunk = (word_rows + shared->chunks - 1) / shared->chunks;
+    shared->word_rows = word_rows;
+    shared->partial.assign((parts - 1) * p.m * p.n, 0.0f);
+    auto work = [](Shared& st, float* y) {
+      for (int64_t c; (c = st.next.fetch_add(1, std::memory_order_relaxed)) < st.chunks;) {
+        const int64_t w0 = std::min(c * st.per_chunk, st.word_rows);
+        Rows(st.p, w0, std::min(w0 + st.per_chunk, st.word_rows), y);
+        st.done.fetch_add(1, std::memory_order_release);
+      }
+    };
+    for (int64_t i = 1; i < parts; ++i) {
+      pool.Schedule([shared, i, work] {
+        work(*shared, shared->partial.data() + (i - 1) * shared->p.m * shared->p.n);
+      });
+    }
+    work(*shared, out);
+    for (int spins = 0; shared->done.load(std::memory_order_acquire) < shared->chunks; ++spins) {
+      if (spins < 2000) {
 #ifdef CIRRUS_X86
-    _mm_pause();
-#else
-    std::this_thread::yield();
+        _mm_pause();
 #endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    for (int64_t i = 1; i < parts; ++i) {
+      const float* part = shared->partial.data() + (i - 1) * p.m * p.n;
+      for (int64_t e = 0; e < p.m * p.n; ++e) out[e] += part[e];
+    }
   }
-  for (int64_t i = 1; i < parts; ++i) {
-    const float* part = partial.data() + (i - 1) * p.m * p.n;
-    for (int64_t e = 0; e < p.m * p.n; ++e) out[e] += part[e];
-  }
-  if (p.bits == 8) {  // One scale per column: applied once.
+  if (!p.grouped) {  // One scale per column: applied once.
     for (int64_t r = 0; r < p.m; ++r) {
       for (int64_t c = 0; c < p.n; ++c) out[r * p.n + c] *= p.scale[c];
     }

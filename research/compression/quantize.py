@@ -2,7 +2,8 @@
 
 A quantized [K, N] matrix (inputs K, output channels N) stands for
   w[k, n] = q[k, n] * scale[k // group, n]
-- int8: q in [-127, 127], one scale per output channel (group = K, scale [1, N]);
+- int8: q in [-127, 127], one scale per output channel (group = K, scale [1, N]; quant_group
+  0) or per `group` consecutive k of each column (as llama.cpp's Q8_0 blocks of 32);
 - int4: q in [-8, 7], one scale per `group` (32 / 64 / 128) consecutive k of each column, as
   llama.cpp's Q4_0 blocks (the largest-magnitude value of a group maps to -8, so all 16
   levels are used).
@@ -49,7 +50,14 @@ class QuantSpec:
         if mode == "int8":
             if k % 4:
                 raise UserError(f"int8 needs input sizes divisible by 4; a matrix has {k}.")
-            return cls(8, k)
+            if group <= 0 or group >= k:  # Per output channel.
+                return cls(8, k)
+            if k % group or group % 4:
+                raise UserError(
+                    f"model.quant_group={group} (int8) must be 0 (per channel) or a multiple of "
+                    f"4 that divides the input size {k} of every quantized matrix."
+                )
+            return cls(8, group)
         if k % group or group % 8:
             raise UserError(
                 f"model.quant_group={group} must be a multiple of 8 that divides the input size "
@@ -71,6 +79,8 @@ class QuantSpec:
 def check_mode(mode: str, group: int) -> None:
     if mode not in MODES:
         raise UserError(f"model.quant={mode!r} is not one of {MODES}.")
+    if group < 0:
+        raise UserError(f"model.quant_group={group} must be >= 0 (0: per output channel).")
     if mode == "int4" and (group <= 0 or group % 8):
         raise UserError(f"model.quant_group={group} must be a positive multiple of 8 (32, 64).")
 
@@ -103,12 +113,15 @@ def unpack(stored, bits: int):
     return words.transpose(0, 2, 1).reshape(kw * words.shape[-1], n).astype(xp.int8)
 
 
-def quantize_int8(w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric round-to-nearest per output channel: (stored int8 [K / 4, N, 4], scale [1, N])."""
+def quantize_int8(w_kn: np.ndarray, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest, one scale per output channel (group None) or per `group`
+    consecutive k of each column: (stored int8 [K / 4, N, 4], scale [K / group, N])."""
     w = np.asarray(w_kn, np.float32)
-    scale = np.abs(w).max(axis=0, keepdims=True) / 127.0
-    safe = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.rint(w / safe), -127, 127).astype(np.int8)
+    k, n = w.shape
+    group = group or k
+    scale = np.abs(w.reshape(k // group, group, n)).max(axis=1) / 127.0
+    full = np.repeat(np.where(scale > 0, scale, 1.0), group, axis=0)
+    q = np.clip(np.rint(w / full), -127, 127).astype(np.int8)
     return pack(q, 8), scale.astype(np.float32)
 
 
@@ -136,7 +149,7 @@ def quantize_int4(
 
 def quantize(w_kn: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     if spec.bits == 8:
-        return quantize_int8(w_kn)
+        return quantize_int8(w_kn, spec.group)
     return quantize_int4(w_kn, spec.group)
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not kernel.available(), reason="kernel not built
 
 # (M, K, N): one row and several, K of one word row and many, N not a multiple of 16.
 SHAPES = [(1, 8, 1), (1, 64, 7), (3, 136, 65), (5, 576, 192), (17, 64, 577), (2, 1536, 33)]
-FORMS = [(8, None), (4, 8), (4, 32)]
+FORMS = [(8, None), (8, 8), (4, 8), (4, 32)]
 
 
 def check_all_shapes(seed: int = 0) -> float:

@@ -69,8 +69,8 @@ def test_int8_run_saved_restored_and_sampled_gives_the_same_greedy_text(source, 
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "int8" / "compress_report.json").read_text())
     rows = report["models"]
-    assert set(rows) == {"original (fp32)", "int8 rtn", "llama.cpp Q8_0"}
-    int8 = rows["int8 rtn"]
+    assert set(rows) == {"original (fp32)", "int8 g32 rtn", "llama.cpp Q8_0"}
+    int8 = rows["int8 g32 rtn"]
     assert 0 < int8["kl"] < 0.01 and int8["top1"] > 0.9 and int8["weight_ratio"] < 0.3
     assert rows["original (fp32)"]["decode_tokens_per_s"] > 0 and int8["speedup"] > 0
     assert (tmp_path / "int8" / "compress_report.md").read_text().count("|") > 20
@@ -102,8 +102,10 @@ def test_int8_run_saved_restored_and_sampled_gives_the_same_greedy_text(source, 
 def test_prune_then_gptq_int4_chain(source, tmp_path):
     source_dir, _ = source
     bindings = [
-        "compress.stages = ['prune', 'quantize']",
+        "compress.stages = ['prune', 'distill', 'quantize']",
         "compress.prune_layers = 1",
+        "compress.distill_steps = 4",
+        "compress.distill_seq_len = 16",
         "compress.quant = 'int4'",
         "compress.method = 'gptq'",
         "compress.baselines = []",
@@ -111,8 +113,12 @@ def test_prune_then_gptq_int4_chain(source, tmp_path):
     result = _compress(source_dir, tmp_path / "chain", bindings)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "chain" / "compress_report.json").read_text())["models"]
-    assert list(rows) == ["original (fp32)", "pruned -1 layers", "int4 g32 gptq"]
+    assert list(rows) == [
+        "original (fp32)", "pruned -1 layers", "distilled 4 steps", "int4 g32 gptq"
+    ]  # fmt: skip
     assert rows["int4 g32 gptq"]["weight_ratio"] < rows["pruned -1 layers"]["weight_ratio"] < 1
+    assert rows["distilled 4 steps"]["ppl"] != rows["pruned -1 layers"]["ppl"]
+    assert (tmp_path / "chain" / "distill_loss.png").stat().st_size > 5000
     restored = load(str(tmp_path / "chain"), log=lambda _: None)
     assert restored.model_config.num_layers == 2 and restored.model_config.quant == "int4"
     assert "dropping layers [1]" in result.stdout
@@ -125,6 +131,8 @@ def test_prune_then_gptq_int4_chain(source, tmp_path):
         (["compress.quant = 'int3'"], "compress.quant='int3'"),
         (["compress.stages = ['prune']"], "compress.prune_layers=0"),
         (["compress.quant = 'int4'", "compress.quant_group = 48"], "compress.quant_group=48"),
+        (["compress.stages = ['quantize', 'distill']"], "distill before quantize"),
+        (["compress.distill_alpha = 1.5"], "compress.distill_alpha=1.5"),
     ],
 )
 def test_bad_settings_exit_1_naming_the_field(source, tmp_path, bindings, fragment):

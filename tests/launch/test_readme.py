@@ -107,6 +107,7 @@ def _adapt(argv: list[str], root, cache: str) -> tuple[list[str], str]:
     if module == "launch.compress":  # Small evaluation and timing; one layer to prune.
         quick = ["eval_tokens = 1024", "eval_window = 64", "speed_tokens = 8", "speed_reps = 1"]
         quick += ["calibration_sequences = 4", "calibration_len = 32", "prune_layers = 1"]
+        quick += ["distill_steps = 2", "distill_seq_len = 16"]
         argv += [f"--gin_bindings=compress.{b}" for b in quick]
     if module in ("launch.train", "launch.local"):
         argv += ["--", "--sample_prompt="] if module == "launch.local" else ["--sample_prompt="]
