@@ -33,6 +33,7 @@ from bench.serve import hf_decode, prepare, smollm2_gguf  # noqa: E402
 from research.checkpoint.load import from_pretrained  # noqa: E402
 from research.checkpoint.pretrained import Pretrained, load_pretrained  # noqa: E402
 from research.compression import (  # noqa: E402
+    corpus,
     distill,
     evaluate,
     gptq,
@@ -47,18 +48,6 @@ NEW = 64
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def calibration(tokenizer, count: int, length: int = 512):
-    from research.data.corpus import default_corpus_documents
-
-    ids = []
-    for document in default_corpus_documents():
-        ids += tokenizer.encode(document)
-        if len(ids) >= count * length:
-            break
-    rows = np.asarray(ids[: count * length], np.int32).reshape(-1, length)
-    return [rows[i : i + 4] for i in range(0, len(rows), 4)]
 
 
 def llama_cpp_decode(gguf: str, prompt: list[int], reps: int) -> dict | None:
@@ -97,7 +86,7 @@ def main():
     models["int8_per_channel"] = build(*quantize.quantize_params(config, params, "int8", 0))
     models["int4_g32"] = build(*quantize.quantize_params(config, params, "int4", 32))
     start = time.perf_counter()
-    batches = calibration(original.tokenizer, args.calibration_sequences)
+    batches = corpus.calibration_batches(original.tokenizer, args.calibration_sequences, 512)
     hessians = gptq.collect_hessians(reference.graphdef, reference.params, batches, log=_log)
     overrides = gptq.gptq_overrides(config, params, hessians, "int4", 32, log=_log)
     models["int4_g32_gptq"] = build(
@@ -109,14 +98,12 @@ def main():
     depth20 = build(*prune.drop_layers(config, params, keep))
 
     # Healing the 20-layer model, same data, steps and init: distillation vs cross-entropy.
-    from research.data.corpus import default_corpus_documents
-
     healed, distill_s = {}, {}
     for name, alpha in (("distilled", 0.9), ("ce_only", 0.0)):
         settings = distill.DistillConfig(
             steps=args.distill_steps, batch_size=4, seq_len=128, alpha=alpha
         )
-        batches_ = distill.token_batches(original.tokenizer, default_corpus_documents(), 4, 128)
+        batches_ = corpus.training_batches(original.tokenizer, 4, 128)
         start = time.perf_counter()
         healed_params, _ = distill.distill(
             (depth20.graphdef, depth20.params),
@@ -133,7 +120,7 @@ def main():
     candidates = dict(models)
     for kind in ("q8_0", "q4_0"):
         clone = from_pretrained(original)
-        clone.params = evaluate.gguf_baseline(reference.params, kind)
+        clone.params = evaluate.gguf_baseline(config, reference.params, kind)
         candidates[kind] = clone
     candidates["depth20 (no healing)"] = depth20
     candidates["depth20 distilled"] = healed["distilled"]

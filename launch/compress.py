@@ -9,9 +9,11 @@ saved in --workdir as a normal run (launch.sample / eval / serve / convert read 
 compress_report.json, compress_report.md and compress_report.png.
 """
 
+import dataclasses
 import os
 import time
 
+import jax
 import numpy as np
 from absl import app, flags
 
@@ -19,9 +21,10 @@ from launch import cli
 from launch import config as gin_config
 from research.checkpoint.load import from_pretrained
 from research.checkpoint.pretrained import Pretrained, load_pretrained, save_as_run
-from research.compression import distill, evaluate, gptq, prune, quantize, report, speed
+from research.compression import corpus, distill, evaluate, gptq, prune, quantize, report, speed
 from research.compression.config import CompressConfig
 from research.errors import UserError
+from research.model import count_params
 
 FROM = flags.DEFINE_string("from", None, "The model to compress: .gguf, HF directory or workdir.")
 
@@ -59,7 +62,7 @@ def main(argv):
     candidates = {name: from_pretrained(m) for name, m in models.items()}
     for kind in config.baselines:
         _log(f"baseline {kind} (the gguf package's quantizer)")
-        params = evaluate.gguf_baseline(reference.params, kind)
+        params = evaluate.gguf_baseline(reference.model_config, reference.params, kind)
         candidates[f"llama.cpp {kind.upper()}"] = _with_params(reference, params)
     _log(f"evaluating on {len(tokens):,} held-out tokens, windows of {config.eval_window}")
     metrics = evaluate.compare(reference, candidates, tokens, window=config.eval_window, log=_log)
@@ -134,7 +137,7 @@ def _run_stage(
         return _distill(model, original, config, workdir)
     overrides = None
     if config.method == "gptq":
-        batches = _calibration_batches(model, config)
+        batches = _calibration(model, config)
         current = from_pretrained(model)  # The stage's input (e.g. a pruned model).
         hessians = gptq.collect_hessians(current.graphdef, current.params, batches, log=_log)
         overrides = gptq.gptq_overrides(
@@ -154,7 +157,7 @@ def _prune(model: Pretrained, config: CompressConfig) -> Pretrained:
             f"{layers} layers; use at most {layers - 2}."
         )
     current = from_pretrained(model)
-    batches = _calibration_batches(model, config)[:8]
+    batches = _calibration(model, config)[:8]
     importance = prune.layer_importance(current.graphdef, current.params, batches)
     keep = prune.least_important(importance, config.prune_layers)
     dropped = sorted(set(range(layers)) - set(keep))
@@ -163,9 +166,12 @@ def _prune(model: Pretrained, config: CompressConfig) -> Pretrained:
     return Pretrained(pconfig, pparams, model.source, model.tokenizer)
 
 
-def _distill(model: Pretrained, teacher: Pretrained, config: CompressConfig, workdir: str):
-    from research.data.corpus import default_corpus_documents
+def _calibration(model: Pretrained, config: CompressConfig) -> list:
+    length = min(config.calibration_len, model.model_config.max_seq_len)
+    return corpus.calibration_batches(model.tokenizer, config.calibration_sequences, length)
 
+
+def _distill(model: Pretrained, teacher: Pretrained, config: CompressConfig, workdir: str):
     student, teacher_model = from_pretrained(model), from_pretrained(teacher)
     settings = distill.DistillConfig(
         steps=config.distill_steps,
@@ -175,9 +181,7 @@ def _distill(model: Pretrained, teacher: Pretrained, config: CompressConfig, wor
         alpha=config.distill_alpha,
         temperature=config.distill_temperature,
     )
-    batches = distill.token_batches(
-        model.tokenizer, default_corpus_documents(), settings.batch_size, settings.seq_len
-    )
+    batches = corpus.training_batches(model.tokenizer, settings.batch_size, settings.seq_len)
     params, history = distill.distill(
         (student.graphdef, student.params),
         (teacher_model.graphdef, teacher_model.params),
@@ -189,69 +193,35 @@ def _distill(model: Pretrained, teacher: Pretrained, config: CompressConfig, wor
     return Pretrained(model.model_config, params, model.source, model.tokenizer)
 
 
-def _calibration_batches(model: Pretrained, config: CompressConfig, batch: int = 4):
-    """Batches of calibration_len tokens from the bundled corpus (never the held-out text)."""
-    from research.data.corpus import default_corpus_documents
-
-    length = min(config.calibration_len, model.model_config.max_seq_len)
-    ids = []
-    for document in default_corpus_documents():
-        ids += model.tokenizer.encode(document)
-        if len(ids) >= length * config.calibration_sequences:
-            break
-    count = min(config.calibration_sequences, len(ids) // length)
-    rows = np.asarray(ids[: count * length], np.int32).reshape(count, length)
-    return [rows[i : i + batch] for i in range(0, count, batch)]
-
-
 def _with_params(model, params):
-    import copy
-
-    import jax
-
-    clone = copy.copy(model)
-    clone.params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, model.params))
-    return clone
+    """`model` (a LoadedModel) with other parameters of the same shapes, placed as its own."""
+    shardings = jax.tree.map(lambda x: x.sharding, model.params)
+    return dataclasses.replace(model, params=jax.device_put(params, shardings))
 
 
 def _row(metrics: dict, model, fp32_bytes: int, *, ours: bool) -> dict:
-    size = quantize.weight_bytes(model.params)
-    count = sum(int(np.prod(x.shape)) for x in _leaves(model.params))
     return {
         **{k: metrics.get(k) for k in ("ppl", "dppl_pct", "kl", "top1")},
-        "weight_mb": size / 1e6,
-        "weight_ratio": size / fp32_bytes,
-        "bits_per_weight": 8 * size / _num_weights(model, count),
+        **_size(quantize.weight_bytes(model.params), model.model_config, fp32_bytes),
         "ours": ours,
     }
 
 
-def _num_weights(model, stored: int) -> int:
-    """Weights the model stands for (an int4 byte holds two)."""
-    config = model.model_config.replace(quant="none")
-    from research.model import count_params
-
-    return count_params(config) if model.model_config.quant != "none" else stored
+def _size(size: int, model_config, fp32_bytes: int) -> dict:
+    """MB, ratio to fp32, and bits per weight the model stands for (an int4 byte holds two)."""
+    weights = count_params(model_config.replace(quant="none"))
+    return {"weight_mb": size / 1e6, "weight_ratio": size / fp32_bytes,
+            "bits_per_weight": 8 * size / weights}  # fmt: skip
 
 
 def _gguf_size(name: str, reference, fp32_bytes: int) -> dict:
     """Q8_0 stores 34 bytes per 32 weights, Q4_0 18; 1-D tensors stay float32."""
     per_block = 34 if "Q8_0" in name else 18
-    size = 0
-    for x in _leaves(reference.params):
-        n = int(np.prod(x.shape))
-        size += n * per_block // 32 if len(x.shape) >= 2 else 4 * n
-    return {
-        "weight_mb": size / 1e6,
-        "weight_ratio": size / fp32_bytes,
-        "bits_per_weight": 8 * size / sum(int(np.prod(x.shape)) for x in _leaves(reference.params)),
-    }
-
-
-def _leaves(params):
-    import jax
-
-    return jax.tree.leaves(params.to_pure_dict() if hasattr(params, "to_pure_dict") else params)
+    size = sum(
+        x.size * per_block // 32 if x.ndim >= 2 else 4 * x.size
+        for x in jax.tree.leaves(reference.params)
+    )
+    return _size(size, reference.model_config, fp32_bytes)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alp
 as the student, on the same batch, frozen; alpha = 0 is plain cross-entropy training of the
 same student with the same data and optimizer (the comparison the report makes).
 
-Training text is the bundled corpus, tokenized with the model's tokenizer: never the
-held-out evaluation text.
+Training text is the bundled corpus (research/compression/corpus.py), tokenized with the
+model's tokenizer: never the held-out evaluation text.
 """
 
 import dataclasses
@@ -14,7 +14,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -45,21 +44,6 @@ class DistillConfig:
     learning_rate: float = 3e-4
     alpha: float = 0.9
     temperature: float = 1.0
-
-
-def token_batches(tokenizer, documents, batch_size: int, seq_len: int, seed: int = 0):
-    """An endless iterator of [B, T + 1] windows of the documents' token stream (eos between)."""
-    stream = []
-    for document in documents:
-        stream += tokenizer.encode(document) + [tokenizer.eos_id]
-    stream = np.asarray(stream, np.int32)
-    windows = len(stream) // (seq_len + 1)
-    if windows < 1:
-        raise ValueError(f"the training text has {len(stream)} tokens, fewer than one window.")
-    rows = stream[: windows * (seq_len + 1)].reshape(windows, seq_len + 1)
-    rng = np.random.default_rng(seed)
-    while True:
-        yield rows[rng.choice(windows, size=batch_size, replace=windows < batch_size)]
 
 
 def distill(student, teacher, batches, config: DistillConfig, log=print):

@@ -14,6 +14,7 @@ The text (research/compression/heldout/english.txt, sources in SOURCES.md there)
 public-domain novels, in no Cirrus training split.
 """
 
+import functools
 import math
 import pathlib
 import time
@@ -24,10 +25,6 @@ import numpy as np
 from flax import nnx
 
 HELDOUT_PATH = pathlib.Path(__file__).parent / "heldout" / "english.txt"
-
-# Compiled scorers by graphdef: id -> (graphdef, reference fn, candidate fn). The graphdef is
-# kept, so its id is not reused while the entry lives.
-_COMPILED: dict[int, tuple] = {}
 
 
 def heldout_text() -> str:
@@ -65,34 +62,26 @@ def _nll_sum(logp_bsv, targets_bs, valid_b):
     return jnp.sum(nll_bs * valid_b[:, None])
 
 
-def _compiled(graphdef):
-    """(reference, candidate) jitted scorers for models of this graphdef; params are
-    arguments, so float models of one shape share the compiled code. valid_b: [B] float32,
-    1 for a real window, 0 for a pad row of the last batch."""
-    entry = _COMPILED.get(id(graphdef))
-    if entry is not None and entry[0] is graphdef:
-        return entry[1], entry[2]
+@functools.partial(jax.jit, static_argnums=0)
+def _reference_scores(graphdef, params, tokens_bt, valid_b):
+    """-> (log p [B, S, V] float32, summed NLL): the log-probs stay on device. valid_b: [B]
+    float32, 1 for a real window, 0 for a pad row of the last batch. The graphdef is static:
+    float models of one shape share the compiled code."""
+    logp_bsv, targets_bs = _scored_logprobs(graphdef, params, tokens_bt)
+    return logp_bsv, _nll_sum(logp_bsv, targets_bs, valid_b)
 
-    @jax.jit
-    def reference(params, tokens_bt, valid_b):
-        """-> (log p [B, S, V] float32, summed NLL): the log-probs stay on device."""
-        logp_bsv, targets_bs = _scored_logprobs(graphdef, params, tokens_bt)
-        return logp_bsv, _nll_sum(logp_bsv, targets_bs, valid_b)
 
-    @jax.jit
-    def candidate(params, tokens_bt, valid_b, ref_logp_bsv):
-        """-> (summed NLL, summed KL(ref || cand), count of equal argmax), float32 scalars."""
-        logp_bsv, targets_bs = _scored_logprobs(graphdef, params, tokens_bt)
-        kl_bs = jnp.sum(jnp.exp(ref_logp_bsv) * (ref_logp_bsv - logp_bsv), axis=-1)
-        same_bs = jnp.argmax(logp_bsv, axis=-1) == jnp.argmax(ref_logp_bsv, axis=-1)
-        return (
-            _nll_sum(logp_bsv, targets_bs, valid_b),
-            jnp.sum(kl_bs * valid_b[:, None]),
-            jnp.sum(same_bs * valid_b[:, None]),
-        )
-
-    _COMPILED[id(graphdef)] = (graphdef, reference, candidate)
-    return reference, candidate
+@functools.partial(jax.jit, static_argnums=0)
+def _candidate_scores(graphdef, params, tokens_bt, valid_b, ref_logp_bsv):
+    """-> (summed NLL, summed KL(ref || cand), count of equal argmax), float32 scalars."""
+    logp_bsv, targets_bs = _scored_logprobs(graphdef, params, tokens_bt)
+    kl_bs = jnp.sum(jnp.exp(ref_logp_bsv) * (ref_logp_bsv - logp_bsv), axis=-1)
+    same_bs = jnp.argmax(logp_bsv, axis=-1) == jnp.argmax(ref_logp_bsv, axis=-1)
+    return (
+        _nll_sum(logp_bsv, targets_bs, valid_b),
+        jnp.sum(kl_bs * valid_b[:, None]),
+        jnp.sum(same_bs * valid_b[:, None]),
+    )
 
 
 def compare(reference, candidates: dict, tokens, *, window: int = 512, batch: int = 4, log=print):
@@ -118,8 +107,6 @@ def compare(reference, candidates: dict, tokens, *, window: int = 512, batch: in
         raise ValueError(f"{len(tokens)} tokens make no window of {window} with a scored half.")
     windows_wt = tokens[: windows * window].reshape(windows, window)
     batch = min(batch, windows)
-    ref_fn, _ = _compiled(reference.graphdef)
-    cand_fns = {name: _compiled(model.graphdef)[1] for name, model in candidates.items()}
     ref_nll = 0.0
     sums = {name: np.zeros(3) for name in candidates}  # NLL, KL, top-1 count.
     start = time.perf_counter()
@@ -129,15 +116,17 @@ def compare(reference, candidates: dict, tokens, *, window: int = 512, batch: in
         valid_b = (np.arange(batch) < n).astype(np.float32)
         if n < batch:  # The last batch: pad rows (repeats) keep the compiled shape, weigh 0.
             chunk_bt = np.concatenate([chunk_bt, np.repeat(chunk_bt[-1:], batch - n, axis=0)])
-        ref_logp_bsv, nll = ref_fn(reference.params, chunk_bt, valid_b)
+        ref_logp_bsv, nll = _reference_scores(
+            reference.graphdef, reference.params, chunk_bt, valid_b
+        )
         ref_nll += float(nll)
         for name, model in candidates.items():
-            out = cand_fns[name](model.params, chunk_bt, valid_b, ref_logp_bsv)
+            out = _candidate_scores(model.graphdef, model.params, chunk_bt, valid_b, ref_logp_bsv)
             sums[name] += np.array([float(x) for x in out])
         done = first + n
         elapsed = time.perf_counter() - start
-        rate = done * window * (1 + len(candidates)) / max(elapsed, 1e-9)
         models = 1 + len(candidates)
+        rate = done * window * models / max(elapsed, 1e-9)
         log(f"compare: {done}/{windows} windows, {rate:,.0f} tokens/s ({models} models)")
     count = windows * scored_per_window(window)
     ref_ppl = math.exp(ref_nll / count)
@@ -154,11 +143,6 @@ def compare(reference, candidates: dict, tokens, *, window: int = 512, batch: in
     return result
 
 
-def _input_axes(path: tuple) -> int:
-    """Leading input axes of a Cirrus kernel: o_proj [N, H, D] has two, the rest one."""
-    return 2 if path[-2:] == ("o_proj", "kernel") else 1
-
-
 def _gguf_round_trip(matrix_nk: np.ndarray, qtype) -> np.ndarray:
     """[N, K] float32, GGUF blocks of 32 along K -> the gguf package's quantize, dequantize."""
     from gguf import quants
@@ -167,7 +151,7 @@ def _gguf_round_trip(matrix_nk: np.ndarray, qtype) -> np.ndarray:
     return quants.dequantize(data, qtype).astype(np.float32).reshape(matrix_nk.shape)
 
 
-def gguf_baseline(params, kind: str):
+def gguf_baseline(model_config, params, kind: str):
     """`params` with every matrix through llama.cpp's quantizer and back (the gguf package).
 
     kind: "q8_0" or "q4_0". GGUF blocks of 32 run along a matrix's contiguous axis as
@@ -176,15 +160,19 @@ def gguf_baseline(params, kind: str):
     positions) runs along its last axis as it is. Parameters with ndim < 2 (norms, biases)
     stay as they are. Block axes must be multiples of 32 (SmolLM2: 576, 1536, 9 x 64), or
     gguf raises.
+    model_config: the float model's config (which kernels have several input axes).
     params: a float nnx.State (or its pure dict); returns the same kind, float32 arrays.
     """
     import gguf
+
+    from research.compression.quantize import dense_input_shapes
 
     qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}.get(
         kind
     )
     if qtype is None:
         raise ValueError(f"gguf_baseline kind {kind!r}: use 'q8_0' or 'q4_0'.")
+    in_shapes = dense_input_shapes(model_config)
     is_state = hasattr(params, "to_pure_dict")
     source = params.to_pure_dict() if is_state else params
 
@@ -199,7 +187,7 @@ def gguf_baseline(params, kind: str):
             if w.ndim < 2:
                 out[key] = w
             elif key == "kernel":  # A Dense [*in, *out] -> [K, N] -> [N, K] blocks along K.
-                w_kn = w.reshape(math.prod(w.shape[: _input_axes(here)]), -1)
+                w_kn = w.reshape(math.prod(in_shapes[here]), -1)
                 out[key] = _gguf_round_trip(w_kn.T, qtype).T.reshape(w.shape)
             else:  # A table ("embedding", "embedding") [V, D]: blocks along D already.
                 out[key] = _gguf_round_trip(w.reshape(-1, w.shape[-1]), qtype).reshape(w.shape)

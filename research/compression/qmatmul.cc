@@ -17,8 +17,10 @@
 // Grouped scales apply per word row; one scale per column (group = K) at the end.
 //
 // ISA: AVX-512 (F, BW, VL) where the CPU has it, else a portable loop the compiler
-// vectorises for the baseline ISA. CIRRUS_QMATMUL_ISA=scalar forces the portable path;
-// CIRRUS_QMATMUL_THREADS caps the threads.
+// vectorises for the baseline ISA. Tuning knobs (environment, read once): CIRRUS_QMATMUL_ISA
+// =scalar forces the portable path; CIRRUS_QMATMUL_THREADS caps the threads;
+// CIRRUS_QMATMUL_PARALLEL_BYTES (16 KB) is the smallest matrix split over threads;
+// CIRRUS_QMATMUL_PREFETCH (4096) is the prefetch distance in bytes.
 
 #include <algorithm>
 #include <atomic>

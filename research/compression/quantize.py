@@ -271,7 +271,7 @@ def dequantize_params(model_config, params):
                 out[key] = np.asarray(value)
             elif "kernel_q" in value:  # A Dense: back to [*in, *out].
                 q, scale = np.asarray(value["kernel_q"]), np.asarray(value["scale"])
-                in_shape = in_shapes[(*path, key)]
+                in_shape = in_shapes[(*path, key, "kernel")]
                 rest = {
                     k: np.asarray(v) for k, v in value.items() if k not in ("kernel_q", "scale")
                 }
@@ -283,15 +283,19 @@ def dequantize_params(model_config, params):
                 out[key] = walk(value, (*path, key))
         return out
 
-    # The input axes of each Dense, from the float model's shapes.
+    in_shapes = dense_input_shapes(config)
+    return config, walk(source, ())
+
+
+def dense_input_shapes(model_config) -> dict:
+    """{kernel path: the Dense's input sizes} (e.g. o_proj: (heads, head_dim)), from shapes."""
     from flax import nnx
 
     from research.model import Decoder, Dense
 
-    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
-    in_shapes = {
-        tuple(path): module.kernel.shape[: module.num_in]
+    abstract = nnx.eval_shape(lambda: Decoder(model_config.replace(quant="none"), rngs=nnx.Rngs(0)))
+    return {
+        (*path, "kernel"): module.kernel.shape[: module.num_in]
         for path, module in nnx.iter_graph(abstract)
         if isinstance(module, Dense)
     }
-    return config, walk(source, ())

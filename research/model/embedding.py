@@ -52,9 +52,7 @@ class Embedding(nnx.Module):
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         """tokens: [B, T] int in [0, V) -> [B, T, D] compute dtype."""
         if self.quant is not None:
-            # The barrier keeps XLA from fusing the token's computation (a decode step's argmax
-            # over V) into this column gather, where it would run once per gathered element.
-            flat = jax.lax.optimization_barrier(tokens_bt.reshape(-1))
+            flat = tokens_bt.reshape(-1)
             q_km = jnp.take(self.embedding_q[...], flat, axis=1, mode="clip")
             scale_gm = jnp.take(self.scale[...], flat, axis=1, mode="clip")
             x_md = dequantize(q_km, scale_gm, self.quant).T

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research.compression import distill, prune
+from research.compression import corpus, distill, prune
 from research.data import default_corpus_documents, train_tokenizer
 from research.model import Decoder
 from tests.compression.test_quantize import CONFIG
@@ -45,7 +45,7 @@ def test_a_pruned_student_moves_towards_its_teacher():
     s_graphdef, s_params = nnx.split(student, nnx.Param)
     nnx.replace_by_pure_dict(s_params, s_pure)
     tokenizer = train_tokenizer(default_corpus_documents()[:20], config.vocab_size)
-    batches = distill.token_batches(tokenizer, default_corpus_documents()[:20], 4, 32)
+    batches = corpus.training_batches(tokenizer, 4, 32, documents=default_corpus_documents()[:20])
     settings = distill.DistillConfig(steps=30, batch_size=4, seq_len=32, learning_rate=3e-3)
     _, history = distill.distill(
         (s_graphdef, s_params), (t_graphdef, t_params), batches, settings, log=lambda _: None

