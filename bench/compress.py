@@ -106,8 +106,8 @@ def main():
         batches_ = corpus.training_batches(original.tokenizer, 4, 128)
         start = time.perf_counter()
         healed_params, _ = distill.distill(
-            (depth20.graphdef, depth20.params),
-            (reference.graphdef, reference.params),
+            (depth20.model_config, depth20.params),
+            (reference.model_config, reference.params),
             batches_,
             settings,
             log=_log,

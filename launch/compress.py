@@ -53,9 +53,10 @@ def main(argv):
         raise UserError(f"{source} has no tokenizer; the held-out evaluation needs one.")
     reference = from_pretrained(original)
     models, current = {}, original
+    masks = {}  # Sparsity masks of a magnitude / wanda prune stage, kept through distill.
     for stage in config.stages:
         _log(f"stage {stage}")
-        current = _run_stage(stage, current, config, original, workdir)
+        current = _run_stage(stage, current, config, original, workdir, masks)
         models[_stage_name(stage, config)] = current
 
     tokens = evaluate.heldout_tokens(original.tokenizer, max_tokens=config.eval_tokens or None)
@@ -118,7 +119,12 @@ def main(argv):
 
 def _stage_name(stage: str, config: CompressConfig) -> str:
     if stage == "prune":
-        return f"pruned -{config.prune_layers} layers"
+        if config.prune_method == "depth":
+            return f"pruned -{config.prune_layers} layers"
+        if config.prune_method == "width":
+            return f"pruned width (mlp {config.prune_mlp_dim}, kv heads {config.prune_kv_heads})"
+        pattern = "2:4" if config.sparsity_pattern == "2:4" else f"{config.sparsity:.0%}"
+        return f"{config.prune_method} {pattern} sparse"
     if stage == "distill":
         return f"distilled {config.distill_steps} steps"
     if stage == "quantize":
@@ -128,13 +134,18 @@ def _stage_name(stage: str, config: CompressConfig) -> str:
 
 
 def _run_stage(
-    stage: str, model: Pretrained, config: CompressConfig, original: Pretrained, workdir: str
+    stage: str,
+    model: Pretrained,
+    config: CompressConfig,
+    original: Pretrained,
+    workdir: str,
+    masks: dict,
 ) -> Pretrained:
     """One stage: a Pretrained in, a Pretrained out (params as NumPy or nnx.State)."""
     if stage == "prune":
-        return _prune(model, config)
+        return _prune(model, config, masks)
     if stage == "distill":
-        return _distill(model, original, config, workdir)
+        return _distill(model, original, config, workdir, masks)
     overrides = None
     if config.method == "gptq":
         batches = _calibration(model, config)
@@ -149,7 +160,11 @@ def _run_stage(
     return Pretrained(qconfig, qparams, model.source, model.tokenizer)
 
 
-def _prune(model: Pretrained, config: CompressConfig) -> Pretrained:
+def _prune(model: Pretrained, config: CompressConfig, masks: dict) -> Pretrained:
+    if config.prune_method == "width":
+        return _prune_width(model, config)
+    if config.prune_method in ("magnitude", "wanda"):
+        return _sparsify(model, config, masks)
     layers = model.model_config.num_layers
     if config.prune_layers > layers - 2:
         raise UserError(
@@ -166,13 +181,64 @@ def _prune(model: Pretrained, config: CompressConfig) -> Pretrained:
     return Pretrained(pconfig, pparams, model.source, model.tokenizer)
 
 
+def _prune_width(model: Pretrained, config: CompressConfig) -> Pretrained:
+    cfg = model.model_config
+    mlp_dim = config.prune_mlp_dim or cfg.mlp_dim
+    kv_heads = config.prune_kv_heads or cfg.num_kv_heads
+    if mlp_dim > cfg.mlp_dim or kv_heads > cfg.num_kv_heads:
+        raise UserError(
+            f"compress.prune_mlp_dim={mlp_dim} / compress.prune_kv_heads={kv_heads} must not "
+            f"exceed the model's mlp_dim {cfg.mlp_dim} / num_kv_heads {cfg.num_kv_heads}."
+        )
+    current = from_pretrained(model)
+    energy = prune.activation_energy(
+        current.graphdef, current.params, _calibration(model, config)[:8]
+    )
+    mlp_scores, group_scores = prune.width_importance(cfg, energy)
+    pconfig, pparams = prune.prune_width(
+        cfg, model.params, mlp_scores, group_scores, mlp_dim=mlp_dim, num_kv_heads=kv_heads
+    )
+    _log(
+        f"width: mlp {cfg.mlp_dim} -> {mlp_dim} channels, kv heads {cfg.num_kv_heads} -> "
+        f"{kv_heads} ({pconfig.num_heads} query heads) per layer"
+    )
+    return Pretrained(pconfig, pparams, model.source, model.tokenizer)
+
+
+def _sparsify(model: Pretrained, config: CompressConfig, masks: dict) -> Pretrained:
+    energy = None
+    if config.prune_method == "wanda":
+        current = from_pretrained(model)
+        energy = prune.activation_energy(
+            current.graphdef, current.params, _calibration(model, config)
+        )
+    try:
+        found = prune.sparsity_masks(
+            model.model_config,
+            model.params,
+            config.sparsity,
+            pattern=config.sparsity_pattern,
+            energy=energy,
+        )
+    except ValueError as error:
+        raise UserError(f"compress.sparsity_pattern: {error}") from None
+    masks.update(found)
+    params = prune.apply_sparsity(model.params, found)
+    _log(
+        f"{config.prune_method}: {prune.sparsity_of(params, found):.1%} of {len(found)} layer "
+        "matrices zeroed (kept zero by a later distill stage; no speed-up on CPU)"
+    )
+    return Pretrained(model.model_config, params, model.source, model.tokenizer)
+
+
 def _calibration(model: Pretrained, config: CompressConfig) -> list:
     length = min(config.calibration_len, model.model_config.max_seq_len)
     return corpus.calibration_batches(model.tokenizer, config.calibration_sequences, length)
 
 
-def _distill(model: Pretrained, teacher: Pretrained, config: CompressConfig, workdir: str):
-    student, teacher_model = from_pretrained(model), from_pretrained(teacher)
+def _distill(
+    model: Pretrained, teacher: Pretrained, config: CompressConfig, workdir: str, masks: dict
+):
     settings = distill.DistillConfig(
         steps=config.distill_steps,
         batch_size=config.distill_batch_size,
@@ -180,13 +246,21 @@ def _distill(model: Pretrained, teacher: Pretrained, config: CompressConfig, wor
         learning_rate=config.distill_learning_rate,
         alpha=config.distill_alpha,
         temperature=config.distill_temperature,
+        teacher_topk=config.distill_teacher_topk,
+        cache_dir=config.distill_cache_dir,
     )
+    if settings.teacher_topk > teacher.model_config.vocab_size:
+        raise UserError(
+            f"compress.distill_teacher_topk={settings.teacher_topk} exceeds the teacher's "
+            f"vocabulary ({teacher.model_config.vocab_size}); 64 keeps nearly all its mass."
+        )
     batches = corpus.training_batches(model.tokenizer, settings.batch_size, settings.seq_len)
     params, history = distill.distill(
-        (student.graphdef, student.params),
-        (teacher_model.graphdef, teacher_model.params),
+        (model.model_config, model.params),
+        (teacher.model_config, teacher.params),
         batches,
         settings,
+        masks=masks or None,
         log=_log,
     )
     distill.plot_history(history, os.path.join(workdir, "distill_loss.png"))

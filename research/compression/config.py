@@ -6,6 +6,8 @@ from research.compression.quantize import INT4_GROUPS, MODES
 from research.errors import UserError
 
 STAGES = ("prune", "distill", "quantize")
+PRUNE_METHODS = ("depth", "width", "magnitude", "wanda")
+SPARSITY_PATTERNS = ("unstructured", "2:4")
 METHODS = ("rtn", "gptq")
 BASELINES = ("q8_0", "q4_0")
 
@@ -16,13 +18,24 @@ class CompressConfig:
 
     Attributes:
       stages: the stages to run, in order, each on the previous one's output: "prune"
-        (drop prune_layers whole layers, research/compression/prune.py), "quantize".
-      prune_layers: layers the prune stage removes (the least influential on calibration
+        (research/compression/prune.py), "distill", "quantize".
+      prune_method: "depth" (remove prune_layers whole layers), "width" (keep prune_mlp_dim
+        MLP channels and prune_kv_heads kv-head groups per layer), "magnitude" or "wanda"
+        (zero single weights at `sparsity`, or 2:4 with sparsity_pattern; the model keeps its
+        shape and a later distill stage keeps the zeros). Depth and width give a smaller,
+        faster model; sparsity saves no time on CPU.
+      prune_layers: layers the depth method removes (the least influential on calibration
         text; the first and last are kept).
+      prune_mlp_dim, prune_kv_heads: the width method's new sizes (0: unchanged).
+      sparsity: fraction of each prunable matrix zeroed ("unstructured").
+      sparsity_pattern: "unstructured" or "2:4".
       distill_*: the distill stage trains the current model (e.g. the pruned one) towards the
         original's logits on the bundled corpus: steps, batch_size x seq_len tokens a step,
         learning_rate (AdamW, warmup then cosine), alpha (weight of T^2 * KL against
-        cross-entropy; 0 = cross-entropy only) and temperature T.
+        cross-entropy; 0 = cross-entropy only) and temperature T. distill_teacher_topk > 0
+        distills from the teacher's top-k logits, computed once before training and cached
+        in distill_cache_dir (reused by later runs with the same teacher, text and k),
+        instead of running the teacher in every step.
       quant: "int8" (per output channel) or "int4" (groups of quant_group inputs).
       quant_group: k per scale: int4 32, 64 or 128; int8 0 (per output channel) or a
         multiple of 4 (32: llama.cpp Q8_0's blocks).
@@ -37,13 +50,20 @@ class CompressConfig:
     """
 
     stages: tuple[str, ...] = ("quantize",)
+    prune_method: str = "depth"
     prune_layers: int = 0
+    prune_mlp_dim: int = 0
+    prune_kv_heads: int = 0
+    sparsity: float = 0.5
+    sparsity_pattern: str = "unstructured"
     distill_steps: int = 100
     distill_batch_size: int = 4
     distill_seq_len: int = 128
     distill_learning_rate: float = 3e-4
     distill_alpha: float = 0.9
     distill_temperature: float = 1.0
+    distill_teacher_topk: int = 0
+    distill_cache_dir: str = "~/.cache/cirrus/teacher"
     quant: str = "int8"
     quant_group: int = 32
     method: str = "rtn"
@@ -77,15 +97,43 @@ class CompressConfig:
         for name in ("calibration_sequences", "calibration_len", "speed_reps"):
             if getattr(self, name) < 1:
                 raise UserError(f"compress.{name}={getattr(self, name)} must be >= 1.")
-        if "prune" in self.stages and self.prune_layers < 1:
+        if self.prune_method not in PRUNE_METHODS:
             raise UserError(
-                f"compress.prune_layers={self.prune_layers}: the prune stage needs >= 1 layer "
+                f"compress.prune_method={self.prune_method!r} is not one of {PRUNE_METHODS}."
+            )
+        if self.sparsity_pattern not in SPARSITY_PATTERNS:
+            raise UserError(
+                f"compress.sparsity_pattern={self.sparsity_pattern!r} is not one of "
+                f"{SPARSITY_PATTERNS}."
+            )
+        if not 0 < self.sparsity < 1:
+            raise UserError(f"compress.sparsity={self.sparsity} must be in (0, 1), e.g. 0.5.")
+        for name in ("prune_layers", "prune_mlp_dim", "prune_kv_heads"):
+            if getattr(self, name) < 0:
+                raise UserError(f"compress.{name}={getattr(self, name)} must be >= 0.")
+        if "prune" in self.stages and self.prune_method == "depth" and self.prune_layers < 1:
+            raise UserError(
+                f"compress.prune_layers={self.prune_layers}: depth pruning needs >= 1 layer "
                 "to remove (e.g. 10 takes SmolLM2 from 30 to 20 layers)."
+            )
+        if (
+            "prune" in self.stages
+            and self.prune_method == "width"
+            and not (self.prune_mlp_dim or self.prune_kv_heads)
+        ):
+            raise UserError(
+                "compress.prune_method='width' needs compress.prune_mlp_dim and/or "
+                "compress.prune_kv_heads (e.g. 1024 and 2 for SmolLM2's 1536 and 3)."
             )
         order = {stage: i for i, stage in enumerate(self.stages)}
         if order.get("distill", -1) > order.get("quantize", len(self.stages)):
             raise UserError(
                 "compress.stages: distill before quantize (quantized weights do not train)."
+            )
+        if self.distill_teacher_topk < 0:
+            raise UserError(
+                f"compress.distill_teacher_topk={self.distill_teacher_topk} must be >= 0 "
+                "(0: the teacher runs in every step)."
             )
         for name in ("distill_steps", "distill_batch_size", "distill_seq_len"):
             if getattr(self, name) < 1:

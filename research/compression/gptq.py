@@ -62,9 +62,10 @@ def quantize_matrix(
 
 
 @contextlib.contextmanager
-def _recording(model, sums: dict):
+def _recording(model, sums: dict, diagonal: bool = False):
     """Makes every Dense of `model` add its inputs' (X^T X, rows) to sums[path] while active
-    (traced: the values are the jitted function's outputs)."""
+    (traced: the values are the jitted function's outputs); `diagonal`: only diag(X^T X),
+    each input feature's sum of squares."""
     from research.model import Dense
 
     paths = {
@@ -78,7 +79,10 @@ def _recording(model, sums: dict):
         path = paths.get(id(self))
         if path is not None:
             x_mk = x.reshape(-1, math.prod(x.shape[x.ndim - self.num_in :])).astype(jnp.float32)
-            xtx = jnp.dot(x_mk.T, x_mk, precision=jax.lax.Precision.HIGHEST)
+            if diagonal:
+                xtx = jnp.sum(jnp.square(x_mk), axis=0)
+            else:
+                xtx = jnp.dot(x_mk.T, x_mk, precision=jax.lax.Precision.HIGHEST)
             total, rows = sums.get(path, (0.0, 0))
             sums[path] = (total + xtx, rows + x_mk.shape[0])
         return original(self, x)
@@ -90,15 +94,15 @@ def _recording(model, sums: dict):
         Dense.__call__ = original
 
 
-def collect_hessians(graphdef, params, batches, log=print) -> dict:
+def collect_hessians(graphdef, params, batches, log=print, diagonal: bool = False) -> dict:
     """{kernel path: H = 2 X^T X / rows} over `batches` (an iterable of [B, T] token arrays),
-    one jitted float forward per batch."""
+    one jitted float forward per batch; `diagonal`: only diag(H) ([K] per kernel)."""
     rows = {}
 
     def forward(params, tokens):
         model = nnx.merge(graphdef, params)
         sums = {}
-        with _recording(model, sums):
+        with _recording(model, sums, diagonal):
             model(tokens)
         rows.update({path: count for path, (_, count) in sums.items()})
         return {path: total for path, (total, _) in sums.items()}

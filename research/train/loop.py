@@ -41,6 +41,7 @@ from research.train.metrics_writer import (
     plot_loss_curve,
     truncate_metrics,
 )
+from research.train.objective import Objective
 from research.train.optimizer import learning_rate_schedule, make_optimizer
 from research.train.state import TrainState, init_train_state
 from research.train.step import eval_step, make_train_step
@@ -84,17 +85,31 @@ def check_batch_layout(config: TrainConfig, mesh) -> None:
         )
 
 
-def build_trainer(model_config: ModelConfig, config: TrainConfig, mesh=None) -> tuple:
-    """Returns (Trainer, initial TrainState) with the state born sharded on the mesh."""
+def build_trainer(
+    model_config: ModelConfig, config: TrainConfig, mesh=None, objective: Objective | None = None
+) -> tuple:
+    """Returns (Trainer, initial TrainState) with the state born sharded on the mesh.
+
+    `objective` (research/train/objective.py) replaces the next-token loss: its extras (a
+    teacher, masks) are placed on the mesh once and passed to every step.
+    """
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
     check_batch_layout(config, mesh)
     tx = make_optimizer(config)
     graphdef, state, shardings = init_train_state(mesh, model_config, tx, config.seed)
-    step = make_train_step(config, graphdef=graphdef, tx=tx)
+    step = make_train_step(config, graphdef=graphdef, tx=tx, objective=objective)
     batch_sharding = sharding.batch_sharding(mesh)
+    extras, extras_shardings = None, None
+    if objective is not None and objective.extras is not None:
+        extras_shardings = (
+            objective.extras_shardings(mesh, shardings.params)
+            if objective.extras_shardings
+            else jax.tree.map(lambda _: jax.NamedSharding(mesh, jax.P()), objective.extras)
+        )
+        extras = jax.device_put(objective.extras, extras_shardings)
     jitted_step = jax.jit(
         step,
-        in_shardings=(shardings, batch_sharding),
+        in_shardings=(shardings, batch_sharding, extras_shardings),
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
@@ -106,7 +121,7 @@ def build_trainer(model_config: ModelConfig, config: TrainConfig, mesh=None) -> 
         mesh=mesh,
         graphdef=graphdef,
         shardings=shardings,
-        train_step=jitted_step,
+        train_step=lambda state, batch: jitted_step(state, batch, extras),
         eval_step=jitted_eval,
         schedule=learning_rate_schedule(config),
     )
@@ -284,6 +299,7 @@ def train(
     preemption: PreemptionNotice | None = None,
     init_params=None,
     task_eval: Callable[..., dict] | None = None,
+    objective: Objective | None = None,
 ) -> tuple[Trainer, TrainState, dict]:
     """Trains for config.num_steps; returns (trainer, final state, last metrics).
 
@@ -292,9 +308,10 @@ def train(
     model) starts a fresh run from given weights (fine-tuning). A set `preemption.requested`
     saves the current step and raises Preempted. `task_eval(graphdef, params, mesh) ->
     {name: value}` (e.g. research.evaluation.run_suite) runs every `train.task_eval_every`
-    steps and at the end; its metrics join the logged record.
+    steps and at the end; its metrics join the logged record. `objective` replaces the
+    next-token loss (distillation from a teacher, masks kept while healing a pruned model).
     """
-    trainer, state = build_trainer(model_config, config, mesh)
+    trainer, state = build_trainer(model_config, config, mesh, objective)
     mesh = trainer.mesh
     is_chief = jax.process_index() == 0
     platform = jax.devices()[0].platform
@@ -412,6 +429,9 @@ def _with_params(trainer, state, params):
     return state.replace(params=params)
 
 
+_STEP_METRICS = ("loss", "accuracy", "grad_norm", "tokens")
+
+
 @dataclasses.dataclass
 class _Loop:
     """The step loop and what it needs besides the state and data, fixed for the run."""
@@ -492,6 +512,8 @@ class _Loop:
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self.flops_token / self.peak if self.peak else 0.0,
         }
+        extra = {k: float(v) for k, v in metrics.items() if k not in _STEP_METRICS}
+        record.update(extra)  # An objective's own terms (e.g. distillation's "kd").
         if self._due(done, config.eval_every):
             batches = eval_batches(self.data_dir, "validation", config, config.eval_batches)
             val = evaluate(trainer, state.params, batches)
@@ -506,6 +528,7 @@ class _Loop:
         eta = remaining * tokens_per_step / tokens_per_s if tokens_per_s else 0.0
         self.log(
             f"step {done}/{config.num_steps}  loss {record['loss']:.4f}"
+            + "".join(f"  {k} {v:.4f}" for k, v in extra.items())
             + (f"  val {record['val_loss']:.4f}" if "val_loss" in record else "")
             + f"  lr {record['learning_rate']:.2e}  {tokens_per_s:,.0f} tok/s"
             + f"  MFU {100 * record['mfu']:.1f}%  ETA {format_duration(eta)}"

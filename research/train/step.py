@@ -9,72 +9,53 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
+from research.train.objective import Objective, cross_entropy, forward, next_token
 from research.train.state import TrainState
 
-
-def cross_entropy(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0):
-    """Weighted token cross-entropy sums.
-
-    Returns (sum of weighted losses incl. z-loss, sum of weighted cross-entropy,
-    number of correct argmax predictions among weighted tokens); all float32 scalars.
-    """
-    logits_btv = logits_btv.astype(jnp.float32)
-    log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    xent_bt = log_z_bt - target_logit_bt
-    loss_bt = xent_bt + z_loss * jnp.square(log_z_bt) if z_loss else xent_bt
-    correct_bt = (jnp.argmax(logits_btv, axis=-1) == targets_bt).astype(jnp.float32)
-    return (
-        jnp.sum(loss_bt * weights_bt),
-        jnp.sum(xent_bt * weights_bt),
-        jnp.sum(correct_bt * weights_bt),
-    )
+__all__ = ["cross_entropy", "eval_step", "forward", "make_train_step", "train_step"]
 
 
-def _forward(graphdef, params, batch):
-    model = nnx.merge(graphdef, params)
-    return model(
-        batch["inputs"], positions_bt=batch["positions"], segment_ids_bt=batch["segment_ids"]
-    )
-
-
-def _loss_and_grads(graphdef, params, batch, total_weight, z_loss):
-    """Gradient of (weighted loss sum / total_weight) for one (micro-)batch."""
+def _loss_and_grads(objective: Objective, graphdef, params, batch, extras, total_weight):
+    """Gradient of (objective's loss sum / total_weight) for one (micro-)batch, and its sums."""
 
     def loss_fn(params):
-        logits_btv = _forward(graphdef, params, batch)
-        loss_sum, xent_sum, correct = cross_entropy(
-            logits_btv, batch["targets"], batch["weights"], z_loss
-        )
-        return loss_sum / total_weight, (xent_sum, correct)
+        loss_sum, sums = objective.loss(graphdef, params, batch, extras)
+        return loss_sum / total_weight, sums
 
-    (_, (xent_sum, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, xent_sum, correct
+    (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, sums
 
 
-def _apply(state: TrainState, grads, tx, xent_sum, correct, total_weight):
+def _apply(state: TrainState, grads, tx, sums, total_weight, objective: Objective, extras):
+    if objective.project is not None:
+        grads = objective.project(grads, extras)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if objective.project is not None:
+        params = objective.project(params, extras)
     metrics = {
-        "loss": xent_sum / total_weight,
-        "accuracy": correct / total_weight,
+        "loss": sums["xent"] / total_weight,
+        "accuracy": sums["correct"] / total_weight,
+        **{name: value / total_weight for name, value in sums.items() if name not in _SHOWN},
         "grad_norm": optax.global_norm(grads),
         "tokens": total_weight,
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, z_loss: float = 0.0):
+_SHOWN = ("xent", "correct")  # Logged as "loss" and "accuracy".
+
+
+def train_step(state: TrainState, batch, extras=None, *, graphdef, tx, objective: Objective):
     """One AdamW update on the whole batch. Returns (new state, metrics)."""
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-    grads, xent_sum, correct = _loss_and_grads(graphdef, state.params, batch, total_weight, z_loss)
-    return _apply(state, grads, tx, xent_sum, correct, total_weight)
+    grads, sums = _loss_and_grads(objective, graphdef, state.params, batch, extras, total_weight)
+    return _apply(state, grads, tx, sums, total_weight, objective, extras)
 
 
 def train_step_accumulated(
-    state: TrainState, batch, *, graphdef, tx, micro_batches: int, z_loss: float = 0.0
+    state: TrainState, batch, extras=None, *, graphdef, tx, objective: Objective, micro_batches: int
 ):
     """One update from gradients summed over `micro_batches` slices of the batch.
 
@@ -87,36 +68,39 @@ def train_step_accumulated(
     )
 
     def body(carry, micro_batch):
-        grads_sum, xent_sum, correct_sum = carry
-        grads, xent, correct = _loss_and_grads(
-            graphdef, state.params, micro_batch, total_weight, z_loss
+        grads_sum, sums_sum = carry
+        grads, sums = _loss_and_grads(
+            objective, graphdef, state.params, micro_batch, extras, total_weight
         )
         grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-        return (grads_sum, xent_sum + xent, correct_sum + correct), None
+        return (grads_sum, jax.tree.map(jnp.add, sums_sum, sums)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, xent_sum, correct), _ = jax.lax.scan(
-        body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), micro
-    )
-    return _apply(state, grads, tx, xent_sum, correct, total_weight)
+    first = jax.tree.map(lambda x: x[0], micro)
+    sums_shape = jax.eval_shape(lambda: objective.loss(graphdef, state.params, first, extras)[1])
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+    (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), micro)
+    return _apply(state, grads, tx, sums, total_weight, objective, extras)
 
 
 def eval_step(params, batch, *, graphdef):
     """Sums over one batch: {"loss_sum", "correct", "tokens"} (float32 scalars)."""
-    logits_btv = _forward(graphdef, params, batch)
+    logits_btv = forward(graphdef, params, batch)
     _, xent_sum, correct = cross_entropy(logits_btv, batch["targets"], batch["weights"])
     return {"loss_sum": xent_sum, "correct": correct, "tokens": jnp.sum(batch["weights"])}
 
 
-def make_train_step(config, *, graphdef, tx):
+def make_train_step(config, *, graphdef, tx, objective: Objective | None = None):
     """The pure step a TrainConfig asks for (`train.micro_batches` > 1: accumulated), with
-    its static arguments bound: step(state, batch) -> (state, metrics). Not jitted."""
+    its static arguments bound: step(state, batch, extras) -> (state, metrics). Not jitted.
+    The objective defaults to next-token cross-entropy with `train.z_loss`."""
+    objective = objective or next_token(config.z_loss)
     if config.micro_batches > 1:
         return functools.partial(
             train_step_accumulated,
             graphdef=graphdef,
             tx=tx,
+            objective=objective,
             micro_batches=config.micro_batches,
-            z_loss=config.z_loss,
         )
-    return functools.partial(train_step, graphdef=graphdef, tx=tx, z_loss=config.z_loss)
+    return functools.partial(train_step, graphdef=graphdef, tx=tx, objective=objective)

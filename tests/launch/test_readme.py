@@ -108,6 +108,7 @@ def _adapt(argv: list[str], root, cache: str) -> tuple[list[str], str]:
         quick = ["eval_tokens = 1024", "eval_window = 64", "speed_tokens = 8", "speed_reps = 1"]
         quick += ["calibration_sequences = 4", "calibration_len = 32", "prune_layers = 1"]
         quick += ["distill_steps = 2", "distill_seq_len = 16"]
+        quick += ["prune_mlp_dim = 64", "prune_kv_heads = 1"]  # The tiny model's 96 and 2.
         argv += [f"--gin_bindings=compress.{b}" for b in quick]
     if module in ("launch.train", "launch.local"):
         argv += ["--", "--sample_prompt="] if module == "launch.local" else ["--sample_prompt="]
