@@ -42,6 +42,20 @@ INIT_FROM = flags.DEFINE_string(
     "Start from pretrained weights: a Cirrus workdir, a Hugging Face model directory or a "
     ".gguf file. Its model shape and tokenizer replace the gin model.* and data.tokenizer_path.",
 )
+TEACHER = flags.DEFINE_string(
+    "teacher",
+    None,
+    "Distil from this model (a Cirrus workdir, HF directory or .gguf sharing the data's "
+    "tokenizer): the loss becomes distill_alpha * T^2 * KL(teacher || student) + (1 - "
+    "distill_alpha) * cross-entropy, the teacher running frozen in the same jitted step, "
+    "sharded on the same mesh. The student is the gin model (any shape) or --init_from.",
+)
+DISTILL_ALPHA = flags.DEFINE_float(
+    "distill_alpha", 0.9, "With --teacher: weight of the KD term (0: cross-entropy only)."
+)
+DISTILL_TEMPERATURE = flags.DEFINE_float(
+    "distill_temperature", 1.0, "With --teacher: the softmax temperature T of both models."
+)
 
 
 def _log(message: str) -> None:
@@ -114,6 +128,7 @@ def main(argv):
         distributed.barrier("fresh")  # No host restores while the chief moves the old steps.
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     task_eval = _task_eval(train_config, model_config, prepared)
+    objective = _teacher(TEACHER.value, model_config, prepared) if TEACHER.value else None
     try:
         trainer, state, _ = train(
             model_config,
@@ -126,6 +141,7 @@ def main(argv):
             preemption=PreemptionNotice().install(),
             init_params=init_params,
             task_eval=task_eval,
+            objective=objective,
         )
     except NonFiniteLossError as error:
         raise UserError(str(error)) from None
@@ -195,6 +211,46 @@ def _print_sample(trainer, params, model_config, tokenizer):
         on_text=lambda _, text: print(text, end="", flush=True),
     )
     _log("\n--- end of sample ---")
+
+
+def _teacher(source: str, model_config, prepared):
+    """--teacher: the distillation objective (research/compression/distill.py) around the
+    loaded teacher, after checking it can score the student's tokens."""
+    from research.checkpoint import load_pretrained
+    from research.compression.distill import distill_objective
+    from research.compression.quantize import dequantize_params
+    from research.train.state import abstract_model
+
+    alpha, temperature = DISTILL_ALPHA.value, DISTILL_TEMPERATURE.value
+    if not 0 <= alpha <= 1 or not temperature > 0:
+        raise UserError(
+            f"--distill_alpha={alpha} must be in [0, 1] and --distill_temperature="
+            f"{temperature} positive."
+        )
+    teacher = load_pretrained(source, log=_log)
+    config, params = teacher.model_config, teacher.params
+    if config.quant != "none":
+        config, params = dequantize_params(config, params)
+    if config.vocab_size != model_config.vocab_size:
+        raise UserError(
+            f"--teacher={source} has vocab_size {config.vocab_size}, the student "
+            f"model.vocab_size={model_config.vocab_size}; distillation compares their logits "
+            "token for token, so both need the same vocabulary (and tokenizer)."
+        )
+    if teacher.tokenizer is not None and teacher.tokenizer.vocab_size != (
+        prepared.tokenizer.vocab_size
+    ):
+        raise UserError(
+            f"--teacher={source} has a {teacher.tokenizer.vocab_size}-token tokenizer but the "
+            f"data is tokenized with {prepared.tokenizer.vocab_size} tokens; prepare the data "
+            "with the teacher's tokenizer (data.tokenizer_path)."
+        )
+    graphdef, _ = abstract_model(config)
+    _log(
+        f"--teacher: {source} ({config.num_layers} layers, d_model {config.d_model}); "
+        f"loss = {alpha} * T^2 * KL + {1 - alpha:g} * CE at T = {temperature}"
+    )
+    return distill_objective(config, graphdef, params, alpha=alpha, temperature=temperature)
 
 
 # --- --init_from: fine-tuning from pretrained weights -------------------------------------------

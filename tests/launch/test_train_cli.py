@@ -73,14 +73,27 @@ def test_train_cli_end_to_end(corpus, tmp_path):
     assert (workdir / "plots" / "loss.png").exists()
     assert (workdir / "tokenizer" / "tokenizer.json").exists()
     assert os.listdir(workdir / "tensorboard")
-    # The prepared data is cached: a second run does not prepare it again.
+    # The prepared data is cached: a second run does not prepare it again. It distils a
+    # one-layer student from the first run (--teacher: the teacher in the same jitted step).
+    student = ["train.num_steps = 2", "model.num_layers = 1"]
     again = _run(
         ["--gin_file=configs/experiment/demo.gin", f"--workdir={tmp_path / 'run2'}"]
-        + ["--sample_prompt="]
-        + [f"--gin_bindings={b}" for b in bindings + ["train.num_steps = 2"]]
+        + ["--sample_prompt=", f"--teacher={workdir}", "--distill_alpha=0.5"]
+        + [f"--gin_bindings={b}" for b in bindings + student]
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training tokenizer" not in again.stdout.lower()
+    assert "--teacher:" in again.stdout and "  kd " in again.stdout
+    record = json.loads((tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and record["kd"] > 0
+    # A student whose vocabulary differs from the teacher's is refused before training.
+    other = _run(
+        ["--gin_file=configs/experiment/demo.gin", f"--workdir={tmp_path / 'run3'}"]
+        + ["--sample_prompt=", f"--teacher={workdir}"]
+        + [f"--gin_bindings={b}" for b in bindings + [*student, "model.vocab_size = 384"]]
+    )
+    assert other.returncode == 1 and "--teacher=" in other.stderr, other.stderr[-2000:]
+    assert "Traceback" not in other.stderr
 
 
 @pytest.mark.parametrize(
