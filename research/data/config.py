@@ -8,7 +8,8 @@ import os
 from research.errors import UserError
 
 # Bump when the prepared format changes, so that old caches are not reused.
-FORMAT_VERSION = 2  # 2: manifest tokenizer.add_bos.
+FORMAT_VERSION = 3  # 2: manifest tokenizer.add_bos. 3: chat data (loss masks in records).
+FORMATS = ("text", "chat")
 NUM_SPECIAL_TOKENS = 3  # <|pad|>, <|bos|>, <|endoftext|>.
 MIN_VOCAB_SIZE = 256 + NUM_SPECIAL_TOKENS  # Every byte plus the special tokens.
 DATA_DIR_ENV = "CIRRUS_DATA_DIR"
@@ -33,6 +34,14 @@ class DataConfig:
     split_seed: seed of the document split.
     num_shards: ArrayRecord files per split.
     cache_dir: root for prepared data; default $CIRRUS_DATA_DIR or ~/.cache/cirrus/data.
+    format: "text" (documents), or "chat": conversations for chat fine-tuning, JSONL lines of
+        {"messages": [{"role", "content"}, ...]} (empty sources: the English dialogs of the
+        chatterbot-corpus package), rendered by the tokenizer's chat template (its
+        tokenizer_config.json `chat_template`, else ChatML) and split by conversation. Needs
+        tokenizer_path (launch.train --init_from sets it).
+    chat_loss_mask: which tokens of a conversation are trained on: "assistant" (every
+        assistant turn's content and end-of-turn token), "last" (the last assistant turn
+        only) or "all".
     """
 
     sources: tuple[str, ...] = ()
@@ -45,6 +54,8 @@ class DataConfig:
     split_seed: int = 0
     num_shards: int = 4
     cache_dir: str = ""
+    format: str = "text"
+    chat_loss_mask: str = "assistant"
 
     def __post_init__(self):
         sources = self.sources
@@ -87,6 +98,13 @@ class DataConfig:
                 f"data.validation_fraction + data.test_fraction = "
                 f"{self.validation_fraction + self.test_fraction} leaves no training documents; "
                 "make their sum smaller than 1 (e.g. 0.05 each)."
+            )
+        if self.format not in FORMATS:
+            raise UserError(f"data.format={self.format!r} is not one of {FORMATS}.")
+        if self.chat_loss_mask not in ("assistant", "last", "all"):
+            raise UserError(
+                f"data.chat_loss_mask={self.chat_loss_mask!r} is not one of 'assistant' (every "
+                "assistant turn), 'last' (the last assistant turn) or 'all'."
             )
         if self.num_shards < 1:
             raise UserError(

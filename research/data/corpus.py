@@ -187,3 +187,52 @@ def _read_jsonl(path: str, text_field: str) -> list[str]:
                 )
             documents.append(text)
     return documents
+
+
+def read_conversations(sources) -> list[tuple[str, list]]:
+    """(where, messages) of every conversation in JSONL files (one {"messages": [...]} object
+    per line, OpenAI's chat format), from the same files / directories / globs as text;
+    `where` is "file:line" for error messages."""
+    conversations = []
+    for path in _resolve_files(sources):
+        if not path.endswith(JSONL_SUFFIXES):
+            raise UserError(
+                f"data.sources: {path} is not a .jsonl file; chat data (data.format = 'chat') "
+                'is JSON lines of {"messages": [{"role": ..., "content": ...}, ...]}.'
+            )
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{where} is not valid JSON ({error.msg}).") from None
+                if not isinstance(record, dict) or "messages" not in record:
+                    raise UserError(f'{where} has no "messages" field (OpenAI chat format).')
+                conversations.append((where, record["messages"]))
+    return conversations
+
+
+def default_chat_conversations() -> list[tuple[str, list]]:
+    """The English dialogs of the `chatterbot-corpus` package (BSD-3-Clause, Gunther Cox):
+    about 2,000 short exchanges on 21 topics, each a user turn answered by an assistant turn
+    (longer lists alternate)."""
+    import yaml
+
+    root = importlib.resources.files("chatterbot_corpus") / "data" / "english"
+    conversations = []
+    for path in sorted(str(p) for p in root.iterdir() if p.name.endswith(".yml")):
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        for index, turns in enumerate(data.get("conversations") or []):
+            turns = [str(t).strip() for t in turns if str(t).strip()]
+            if len(turns) < 2:
+                continue
+            roles = ["user", "assistant"] * len(turns)
+            messages = [{"role": r, "content": t} for r, t in zip(roles, turns, strict=False)]
+            if messages[-1]["role"] == "user":
+                messages = messages[:-1]
+            conversations.append((f"{os.path.basename(path)}#{index}", messages))
+    return conversations

@@ -11,7 +11,8 @@ seq_len tokens, and batched:
     targets      [B, T] int32    next token ids (0 on padding)
     segment_ids  [B, T] int32    1..k for the k examples packed in a row, 0 on padding
     positions    [B, T] int32    position within the example, from 0
-    weights      [B, T] float32  1 on real targets, 0 on padding
+    weights      [B, T] float32  1 on real targets, 0 on padding (chat data: 1 only on the
+                                 targets its loss mask keeps, research/data/chat.py)
 
 Attention must stay within a segment (segment_ids equal) and positions feed RoPE / learned
 position embeddings. Reading an example reads its whole document record, so documents of
@@ -84,7 +85,8 @@ def make_dataset(
         )
     options = _shard_options(shard_index, shard_count)
     bos_id = prepared.manifest["tokenizer"]["bos_id"]
-    lead = 1 if prepared.manifest["tokenizer"].get("add_bos", True) else 0
+    loss_bits = bool(prepared.manifest.get("loss_bits"))  # Chat: the template places bos.
+    lead = 1 if prepared.manifest["tokenizer"].get("add_bos", True) and not loss_bits else 0
 
     lengths = shards.document_lengths(prepared.directory, split)
     chunks = _chunk_table(lengths, seq_len, options, lead)
@@ -97,7 +99,7 @@ def make_dataset(
     source = shards.open_split(prepared.directory, split)
 
     def to_example(chunk):
-        return _example(source, chunk, bos_id, seq_len, lead)
+        return _example(source, chunk, bos_id, seq_len, lead, loss_bits)
 
     dataset = grain.MapDataset.source(chunks)
     if shuffle:
@@ -108,7 +110,7 @@ def make_dataset(
     )
     dataset = grain.experimental.FirstFitPackIterDataset(
         dataset,
-        length_struct={"inputs": seq_len, "targets": seq_len},
+        length_struct={"inputs": seq_len, "targets": seq_len, "weights": seq_len},
         num_packing_bins=batch_size,
         seed=seed,
         shuffle_bins=shuffle,
@@ -150,17 +152,33 @@ def _chunk_table(lengths: np.ndarray, seq_len: int, options, lead: int = 1) -> n
     return np.stack([document_of_chunk, chunk_in_document * seq_len], axis=1).astype(np.int64)
 
 
-def _example(source, chunk, bos_id: int, seq_len: int, lead: int = 1) -> dict:
-    """One chunk -> {"inputs": [t] int32, "targets": [t] int32}, t <= seq_len."""
+def _example(
+    source, chunk, bos_id: int, seq_len: int, lead: int = 1, loss_bits: bool = False
+) -> dict:
+    """One chunk -> {"inputs", "targets": [t] int32, "weights": [t] float32}, t <= seq_len.
+
+    Weights are 1 on every target, or (chat data) the target token's loss flag."""
     document, start = int(chunk[0]), int(chunk[1])
     ids = shards.decode_record(source[document])
+    if loss_bits:
+        ids, loss = shards.split_loss_bits(ids)
+        tokens = ids[start : start + seq_len + 1]
+        return {
+            "inputs": tokens[:-1],
+            "targets": tokens[1:],
+            "weights": loss[start + 1 : start + len(tokens)],
+        }
     if lead == 0:
         tokens = ids[start : start + seq_len + 1]
     elif start == 0:
         tokens = np.concatenate([np.array([bos_id], np.int32), ids[:seq_len]])
     else:  # Token k of the bos-prefixed document is ids[k - 1].
         tokens = ids[start - 1 : start + seq_len]
-    return {"inputs": tokens[:-1], "targets": tokens[1:]}
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "weights": np.ones(len(tokens) - 1, np.float32),
+    }
 
 
 def _lm_features(packed: dict) -> dict:
@@ -171,7 +189,7 @@ def _lm_features(packed: dict) -> dict:
         "targets": packed["targets"].astype(np.int32),
         "segment_ids": segment_ids,
         "positions": packed["targets_positions"].astype(np.int32),
-        "weights": (segment_ids > 0).astype(np.float32),
+        "weights": packed["weights"].astype(np.float32) * (segment_ids > 0),
     }
 
 

@@ -119,6 +119,8 @@ def prepare_data(config: DataConfig, out_dir: str | None = None, *, log=print) -
         return existing
 
     log(f"data: preparing {out_dir}")
+    if config.format == "chat":
+        return _prepare_chat(config, out_dir, log)
     if config.sources:
         documents = read_documents(config.sources, config.text_field)
         log(f"data: read {len(documents)} documents from {len(config.sources)} source(s)")
@@ -148,11 +150,25 @@ def prepare_data(config: DataConfig, out_dir: str | None = None, *, log=print) -
         tokenizer = train_tokenizer(splits["train"], config.vocab_size)
         log(f"data: trained byte-level BPE on the train split (vocab {tokenizer.vocab_size})")
 
+    write = functools.partial(
+        _write,
+        config=config,
+        tokenizer=tokenizer,
+        splits=splits,
+        report=report.as_dict(),
+        num_read=len(documents),
+        log=log,
+    )
+    return _build(out_dir, write, log)
+
+
+def _build(out_dir: str, write, log) -> PreparedData:
+    """Runs write(temp_dir) -> manifest in a temporary sibling and publishes it as out_dir."""
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
     try:
-        manifest = _write(temp_dir, config, tokenizer, splits, report, len(documents), log)
+        manifest = write(temp_dir)
         _publish(temp_dir, out_dir)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -204,12 +220,16 @@ def _finished(out_dir: str, config: DataConfig) -> PreparedData | None:
     return prepared
 
 
-def _write(directory, config, tokenizer, splits, report, num_read, log) -> dict:
+def _write(
+    directory, *, config, tokenizer, splits, report, num_read, log, encoded=None, extra=None
+) -> dict:
+    """Writes tokenizer, shards, text files and (last) the manifest; `encoded` gives each
+    split's records ready-made (chat: ids with loss bits) instead of encoding the texts."""
     tokenizer.save(os.path.join(directory, TOKENIZER_DIR))
     split_stats = {}
     for name, texts in splits.items():
-        token_lists = []
-        for start in range(0, len(texts), _ENCODE_CHUNK):
+        token_lists = encoded[name] if encoded is not None else []
+        for start in range(0, len(texts) if encoded is None else 0, _ENCODE_CHUNK):
             for ids in tokenizer.encode_batch(texts[start : start + _ENCODE_CHUNK]):
                 ids.append(tokenizer.eos_id)
                 token_lists.append(ids)
@@ -240,7 +260,7 @@ def _write(directory, config, tokenizer, splits, report, num_read, log) -> dict:
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(config),
         "documents_read": num_read,
-        "clean": report.as_dict(),
+        "clean": report,
         "tokenizer": {
             "directory": TOKENIZER_DIR,
             "trained": not config.tokenizer_path,
@@ -251,6 +271,7 @@ def _write(directory, config, tokenizer, splits, report, num_read, log) -> dict:
             "add_bos": tokenizer.add_bos,
         },
         "splits": split_stats,
+        **(extra or {}),
     }
     # Last, and atomically: its presence marks the directory as finished.
     temp_path = os.path.join(directory, MANIFEST_FILE + ".tmp")
@@ -294,3 +315,80 @@ def _is_unfinished_preparation(directory: str) -> bool:
         name in ours or name.endswith((".array_record", ".lengths.npy"))
         for name in os.listdir(directory)
     )
+
+
+def _prepare_chat(config: DataConfig, out_dir: str, log) -> PreparedData:
+    """data.format = 'chat': conversations -> rendered tokens with loss bits (see chat.py)."""
+    from research.data.chat import ChatTemplate, audit, check_conversation, encode_conversation
+    from research.data.corpus import default_chat_conversations, read_conversations
+    from research.data.tokenizer import read_chat_template
+
+    if not config.tokenizer_path:
+        raise UserError(
+            "data.format='chat' needs the model's tokenizer: set data.tokenizer_path, or "
+            "fine-tune with launch.train --init_from=<model>, which sets it."
+        )
+    if config.sources:
+        raw = read_conversations(config.sources)
+        log(f"data: read {len(raw)} conversations from {len(config.sources)} source(s)")
+    else:
+        raw = default_chat_conversations()
+        log(f"data: read {len(raw)} English dialogs of the chatterbot-corpus package")
+    conversations, seen = [], set()
+    for where, messages in raw:
+        messages = check_conversation(messages, where)
+        key = json.dumps(messages, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            conversations.append(messages)
+    if not conversations:
+        raise UserError("data.sources: no conversations found; add JSONL chat files.")
+    tokenizer = Tokenizer.load(config.tokenizer_path)
+    source = read_chat_template(config.tokenizer_path)
+    template = ChatTemplate(tokenizer, source)
+    log(
+        f"data: {len(conversations)} conversations ({len(raw) - len(conversations)} duplicates "
+        f"dropped); chat template: {'the tokenizer' + chr(39) + 's' if source else 'ChatML'}"
+    )
+    failures, first = 0, None
+    for index, messages in enumerate(conversations):
+        report = audit(template, messages, config.chat_loss_mask)
+        if not report.ok:
+            failures += 1
+            first = first or (index, report)
+    summary = f"{len(conversations) - failures} of {len(conversations)} conversations ok"
+    log(f"data: template audit: {summary}")
+    if first is not None:
+        log(f"data: first mismatch, conversation {first[0]}: {first[1].describe()}")
+    by_index = split_documents(
+        list(range(len(conversations))), config.validation_fraction, config.test_fraction,
+        config.split_seed,
+    )  # fmt: skip
+    splits, encoded = {}, {}
+    for name, indices in by_index.items():
+        splits[name] = [template.render(conversations[i], False) for i in indices]
+        encoded[name] = []
+        for i in indices:
+            try:
+                ids, loss = encode_conversation(template, conversations[i], config.chat_loss_mask)
+            except ValueError as error:
+                raise UserError(f"conversation {i}: {error}") from None
+            encoded[name].append(shards.with_loss_bits(ids, loss))
+    extra = {
+        "chat": {
+            "template": "tokenizer" if source else "default ChatML",
+            "loss_mask": config.chat_loss_mask,
+            "audit": {
+                "ok": len(conversations) - failures,
+                "conversations": len(conversations),
+                "first_mismatch": first[1].describe() if first else None,
+            },
+        },
+        "loss_bits": True,
+    }
+    write = functools.partial(
+        _write, config=config, tokenizer=tokenizer, splits=splits,
+        report={"conversations_in": len(raw), "duplicates": len(raw) - len(conversations)},
+        num_read=len(raw), log=log, encoded=encoded, extra=extra,
+    )  # fmt: skip
+    return _build(out_dir, write, log)

@@ -70,6 +70,23 @@ def open_split(directory: str, split: str) -> grain.sources.ArrayRecordDataSourc
     return grain.sources.ArrayRecordDataSource(split_files(directory, split))
 
 
+# Chat data keeps each token's loss flag in bit 30 of its record entry (ids stay < 2^30).
+LOSS_BIT = 1 << 30
+
+
+def with_loss_bits(ids, loss) -> np.ndarray:
+    """ids with LOSS_BIT set where `loss` is 1 (a token the model is trained to predict)."""
+    ids = np.asarray(ids, np.int64)
+    if ids.size and ids.max() >= LOSS_BIT:
+        raise ValueError(f"token id {ids.max()} does not fit below the loss bit (2^30).")
+    return (ids | (np.asarray(loss, np.int64) << 30)).astype(np.int32)
+
+
+def split_loss_bits(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, loss flags as float32) of a record written with with_loss_bits."""
+    return values & (LOSS_BIT - 1), (values >> 30).astype(np.float32)
+
+
 def encode_record(ids) -> bytes:
     """[L] ints -> little-endian int32 bytes."""
     return np.asarray(ids, dtype=TOKEN_DTYPE).tobytes()

@@ -343,6 +343,12 @@ def train(
     if is_chief:
         truncate_metrics(metrics_path, int(state.step))
     writer = MetricsWriter(workdir, enabled=is_chief)
+    if int(state.step) == 0 and init_params is not None and config.eval_every:
+        # Fine-tuning: the starting point's validation loss, the baseline the run must beat.
+        batches = eval_batches(data_dir, "validation", config, config.eval_batches)
+        val = evaluate(trainer, state.params, batches)
+        log(f"step 0 (initial weights): val {val['loss']:.4f}")
+        writer.write(0, {"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
     try:
         loop = _Loop(
             trainer=trainer,

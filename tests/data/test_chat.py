@@ -1,5 +1,7 @@
 """Chat fine-tuning's data: conversations rendered by real templates, loss masks, the audit."""
 
+import json
+
 import numpy as np
 import pytest
 import tokenizers
@@ -153,3 +155,81 @@ def test_bad_conversations_name_the_line_and_field(messages, fragment):
     with pytest.raises(UserError, match="chat.jsonl:7") as error:
         check_conversation(messages, "chat.jsonl:7")
     assert fragment in str(error.value)
+
+
+def _chat_data(tmp_path, tokenizer, lines, **overrides):
+    from research.data import DataConfig, prepare_data
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer.save(str(tokenizer_dir))
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = DataConfig(
+        format="chat", sources=(str(path),), tokenizer_path=str(tokenizer_dir),
+        validation_fraction=0.2, test_fraction=0.0, num_shards=1, **overrides,
+    )  # fmt: skip
+    logs = []
+    return prepare_data(config, str(tmp_path / "prepared"), log=logs.append), logs
+
+
+def _dialogs(count):
+    return [
+        {"messages": [
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"It is {2 * i}."},
+            {"role": "user", "content": "Thanks!"},
+            {"role": "assistant", "content": f"You are welcome, number {i}."},
+        ]}
+        for i in range(count)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("mask", ["assistant", "last"])
+def test_prepared_chat_batches_weigh_only_the_masked_targets(cirrus_tokenizer, tmp_path, mask):
+    from research.data import make_dataset
+
+    prepared, logs = _chat_data(tmp_path, cirrus_tokenizer, _dialogs(10), chat_loss_mask=mask)
+    assert any("template audit: 10 of 10 conversations ok" in line for line in logs), logs
+    assert prepared.manifest["chat"]["loss_mask"] == mask
+    template = ChatTemplate(cirrus_tokenizer, None)
+    batch = next(iter(make_dataset(prepared.directory, "train", seq_len=256, batch_size=2)))
+    decode = cirrus_tokenizer.hf_tokenizer.decode
+    for row in range(2):
+        segments = batch["segment_ids"][row]
+        for segment in set(segments[segments > 0].tolist()):
+            here = segments == segment
+            targets = batch["targets"][row][here]
+            weights = batch["weights"][row][here]
+            inputs = batch["inputs"][row][here]
+            assert inputs[0] == cirrus_tokenizer.bos_id  # The template's one bos, no second.
+            text = decode(np.concatenate([inputs[:1], targets]).tolist(), skip_special_tokens=False)
+            number = text.split("What is ")[1].split(" ")[0]
+            messages = _dialogs(int(number) + 1)[int(number)]["messages"]
+            _, expected = encode_conversation(template, messages, mask)
+            np.testing.assert_array_equal(weights, expected[1:])
+            learned = decode(targets[weights == 1].tolist(), skip_special_tokens=False)
+            wanted = f"It is {2 * int(number)}.<|im_end|>" if mask == "assistant" else ""
+            assert learned == wanted + f"You are welcome, number {number}.<|im_end|>"
+
+
+def test_chat_data_errors_name_the_file_line_and_field(cirrus_tokenizer, tmp_path):
+    bad = _dialogs(3)
+    bad[1]["messages"][1]["role"] = "robot"
+    with pytest.raises(UserError, match=r"chat.jsonl:2: messages\[1\].role='robot'"):
+        _chat_data(tmp_path, cirrus_tokenizer, bad)
+    from research.data import DataConfig, prepare_data
+
+    with pytest.raises(UserError, match="data.tokenizer_path"):
+        prepare_data(DataConfig(format="chat"), str(tmp_path / "x"), log=lambda _: None)
+    with pytest.raises(UserError, match="data.chat_loss_mask='user'"):
+        DataConfig(format="chat", chat_loss_mask="user")
+
+
+def test_the_bundled_dialogs_are_conversations():
+    from research.data.corpus import default_chat_conversations
+
+    conversations = default_chat_conversations()
+    assert len(conversations) > 1500
+    for _, messages in conversations:
+        check_conversation(messages, "chatterbot")
+        assert [m["role"] for m in messages[:2]] == ["user", "assistant"]

@@ -94,6 +94,31 @@ def test_train_cli_end_to_end(corpus, tmp_path):
     )
     assert other.returncode == 1 and "--teacher=" in other.stderr, other.stderr[-2000:]
     assert "Traceback" not in other.stderr
+    # Chat fine-tuning of the first run: conversations through its tokenizer and the default
+    # ChatML template, loss on assistant turns, validation loss before and after.
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(
+        "".join(
+            json.dumps({"messages": [
+                {"role": "user", "content": f"Say once more, {i}."},
+                {"role": "assistant", "content": "Once more unto the breach, dear friends."},
+            ]}) + "\n"
+            for i in range(40)
+        )
+    )  # fmt: skip
+    sft = [b for b in bindings if not b.startswith(("model.", "data.vocab_size", "data.sources"))]
+    sft += [f"data.sources = ('{chats}',)", "data.format = 'chat'", "train.learning_rate = 1e-2"]
+    sft += ["train.eval_every = 12", "train.eval_batches = 0", "data.validation_fraction = 0.1"]
+    tuned = _run(
+        ["--gin_file=configs/experiment/demo.gin", f"--workdir={tmp_path / 'sft'}"]
+        + ["--sample_prompt=", f"--init_from={workdir}"]
+        + [f"--gin_bindings={b}" for b in sft]
+    )
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    assert "template audit: 40 of 40 conversations ok" in tuned.stdout
+    records = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").open()]
+    assert records[0]["step"] == 0 and "step 0 (initial weights): val" in tuned.stdout
+    assert records[-1]["val_loss"] < 0.8 * records[0]["val_loss"], records
 
 
 @pytest.mark.parametrize(
