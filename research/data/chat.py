@@ -162,8 +162,9 @@ def assistant_spans(template: ChatTemplate, messages: list[dict], text: str) -> 
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(
                 f"the chat template renders turn {i} differently once later turns follow "
-                "(its text is not a prefix of the whole conversation's); run the template "
-                "audit (launch.prepare_data prints it) to see where."
+                "(its text is not a prefix of the whole conversation's), so the assistant "
+                "turns cannot be located; train on every token (data.chat_loss_mask = 'all') "
+                "or use a tokenizer whose chat_template renders earlier turns unchanged."
             )
         start, end = len(before), len(through)
         span = text[start:end]
@@ -217,7 +218,10 @@ class Audit:
 def audit(template: ChatTemplate, messages: list[dict], mask: str = "assistant") -> Audit:
     """Renders `messages` whole and turn by turn and compares the tokens (see Audit)."""
     text = template.render(messages, add_generation_prompt=False)
-    whole, loss = encode_conversation(template, messages, mask)
+    try:
+        whole, loss = encode_conversation(template, messages, mask)
+    except ValueError as error:  # Turns that render differently once later turns follow.
+        return Audit(False, 0, 0, 0, str(error))
     pieces, masked_pieces, previous = [], [], ""
     for i, message in enumerate(messages):
         through = template.render(messages[: i + 1], add_generation_prompt=False)

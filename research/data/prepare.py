@@ -372,7 +372,7 @@ def _prepare_chat(config: DataConfig, out_dir: str, log) -> PreparedData:
             try:
                 ids, loss = encode_conversation(template, conversations[i], config.chat_loss_mask)
             except ValueError as error:
-                raise UserError(f"conversation {i}: {error}") from None
+                raise UserError(f"data: conversation {i} of {name}: {error}") from None
             encoded[name].append(shards.with_loss_bits(ids, loss))
     extra = {
         "chat": {

@@ -51,7 +51,7 @@ def tokenizer():
     return train_tokenizer(texts, 300)
 
 
-def add_tokenizer(writer, tokenizer: Tokenizer):
+def add_tokenizer(writer, tokenizer: Tokenizer, chat_template: str = "{{ messages }}"):
     """The tokenizer's vocabulary and merges as llama.cpp "gpt2" tokenizer metadata."""
     model = json.loads(tokenizer.hf_tokenizer.to_str())["model"]
     tokens = [None] * tokenizer.vocab_size
@@ -66,10 +66,10 @@ def add_tokenizer(writer, tokenizer: Tokenizer):
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_pad_token_id(tokenizer.pad_id)
-    writer.add_chat_template("{{ messages }}")
+    writer.add_chat_template(chat_template)
 
 
-def write_llama_gguf(path, model, arch, qtype, tokenizer=None, drop=()):
+def write_llama_gguf(path, model, arch, qtype, tokenizer=None, drop=(), **tokenizer_options):
     """A GGUF of a transformers Llama / Qwen2 model; returns the weights a reader gets back."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -82,7 +82,7 @@ def write_llama_gguf(path, model, arch, qtype, tokenizer=None, drop=()):
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     if tokenizer is not None:
-        add_tokenizer(writer, tokenizer)
+        add_tokenizer(writer, tokenizer, **tokenizer_options)
     names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
     layer = {
         "input_layernorm": "attn_norm",

@@ -233,3 +233,27 @@ def test_the_bundled_dialogs_are_conversations():
     for _, messages in conversations:
         check_conversation(messages, "chatterbot")
         assert [m["role"] for m in messages[:2]] == ["user", "assistant"]
+
+
+def test_a_template_without_stable_turns_is_a_user_error_in_prepare(cirrus_tokenizer, tmp_path):
+    broken = tokenizers.Tokenizer.from_str(cirrus_tokenizer.hf_tokenizer.to_str())
+    tokenizer = Tokenizer(broken, bos_token="<|bos|>", eos_token="<|endoftext|>")
+    directory = tmp_path / "tok"
+    tokenizer.save(str(directory))
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = "{{ messages }}"  # Python's list repr: the closing ] moves.
+    config_path.write_text(json.dumps(config))
+    report = audit(ChatTemplate(tokenizer, "{{ messages }}"), CONVERSATION)
+    assert not report.ok and "renders turn 2 differently" in report.detail
+    from research.data import DataConfig, prepare_data
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in _dialogs(6)))
+    config = DataConfig(format="chat", sources=(str(path),), tokenizer_path=str(directory))
+    with pytest.raises(UserError, match="data.chat_loss_mask = 'all'"):
+        prepare_data(config, str(tmp_path / "p"), log=lambda _: None)
+    everything = DataConfig(
+        format="chat", sources=(str(path),), tokenizer_path=str(directory), chat_loss_mask="all"
+    )
+    assert prepare_data(everything, str(tmp_path / "q"), log=lambda _: None).manifest["loss_bits"]

@@ -23,6 +23,12 @@ from tests.serving.server_fixtures import start_server, stop_server
 README = os.path.join(ROOT, "README.md")
 TEXT = "Once more unto the breach, dear friends, once more; or close the wall up with our dead."
 TINY_MODEL = [b for b in TINY_RUN if b.startswith(("model.", "data."))]
+# SmolLM2's chat format (ChatML), so that README's chat fine-tuning runs as it does there.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 TINY_STEPS = ["train.num_steps = 2", "train.batch_size = 8", "train.seq_len = 32"]
 TINY_STEPS += ["train.log_every = 1", "train.eval_every = 0", "train.eval_batches = 1"]
 
@@ -76,7 +82,9 @@ def inputs(tmp_path_factory):
         **dict(LLAMA, vocab_size=tokenizer.vocab_size, num_hidden_layers=3)
     )
     model = randomize(transformers.LlamaForCausalLM(config))
-    write_llama_gguf(root / "model.gguf", model, "llama", Q8_0, tokenizer=tokenizer)
+    write_llama_gguf(
+        root / "model.gguf", model, "llama", Q8_0, tokenizer=tokenizer, chat_template=CHATML
+    )
     return root
 
 
