@@ -10,7 +10,8 @@ first only where the tokenizer adds it, as for Cirrus-trained tokenizers); "\\n"
 newline. Samples run together in one batch (sample i uses seed + i) and are printed one after
 another as their text arrives, each ending at the end-of-text token or after max_new_tokens.
 With --json, each sample is one JSON line instead ({"seed", "prompt_ids", "token_ids",
-"text", "finish_reason"}).
+"text", "finish_reason"}). Of the serving settings, `--gin_bindings="serve.kv_cache_dtype='int8'"`
+applies here too (an int8 KV cache, as `launch.serve` would use).
 """
 
 import json
@@ -21,7 +22,8 @@ from absl import app, flags
 from launch import cli
 from launch import config as gin_config
 from research.errors import RequestError, UserError
-from research.serving import Sampler, SamplingParams, complete
+from research.serving import EngineConfig, Sampler, SamplingParams, complete
+from research.serving.core.kv_cache import check_kv_dtype
 
 PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "New tokens per sample at most.")
@@ -91,6 +93,8 @@ def main(argv):
     if not 1 <= NUM_SAMPLES.value <= _MAX_SAMPLES:
         raise UserError(f"--num_samples={NUM_SAMPLES.value} must be in [1, {_MAX_SAMPLES}].")
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
+    kv_dtype = gin_config.build(EngineConfig).kv_cache_dtype
+    check_kv_dtype(kv_dtype, "serve.kv_cache_dtype")  # Before the model loads.
     prompt = PROMPT.value.replace("\\n", "\n").replace("\\t", "\t")
     seeds = [SEED.value + i for i in range(NUM_SAMPLES.value)]
     requests = [
@@ -133,6 +137,7 @@ def main(argv):
         num_slots=len(seeds),
         max_len=min(context, len(prompt_ids) + MAX_NEW_TOKENS.value),
         steps_per_call=8,
+        kv_dtype=kv_dtype,
         mesh=mesh,
     )
     where = f"step {loaded.step} of {workdir}" if loaded.step is not None else workdir

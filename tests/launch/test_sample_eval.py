@@ -101,6 +101,11 @@ def test_eval_writes_json_and_markdown_reports(trained, tmp_path):
         ("launch.sample", ["--prompt="], "--prompt is empty"),
         ("launch.sample", ["--prompt=x", "--mesh_shape=1,2"], "--mesh_shape='1,2' must be"),
         ("launch.sample", ["--prompt=x", "--mesh_shape=1,1,4"], "needs 4 devices but 2"),
+        (
+            "launch.sample",
+            ["--prompt=x", "--gin_bindings=serve.kv_cache_dtype='int4'"],
+            "serve.kv_cache_dtype='int4' is not a KV cache dtype; use 'auto'",
+        ),
         ("launch.eval", ["--gin_bindings=eval.strid = 3"], "strid"),
         ("launch.eval", ["--gin_bindings=eval.batch_size = 0"], "eval.batch_size"),
     ],

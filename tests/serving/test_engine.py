@@ -355,3 +355,34 @@ def test_requests_compile_nothing_once_warm(model):
     finally:
         engine.shutdown()
     assert compiled() == before
+
+
+def test_int8_cache_through_chunked_prefill_and_the_prefix_cache(model):
+    """serve.kv_cache_dtype='int8': prompts prefilled in chunks of 16 and after prefix blocks
+    pooled with their scales give the tokens of an int8 sampler that prefills each prompt
+    whole; the pool holds int8 blocks and float32 scales. The engine's loop runs here."""
+    config = EngineConfig(
+        num_slots=2, steps_per_call=3, prefill_chunk=16, prefix_block=8, kv_cache_dtype="int8"
+    )
+    engine = Engine(CONFIG, *model, CharTokenizer(), config)
+    engine._warm_up()
+
+    def alone(prompt, request):
+        outputs = []
+        engine.submit(prompt, request, outputs.append)
+        while not (outputs and outputs[-1].finish_reason):
+            engine._loop()
+        return outputs
+
+    system = [1, *range(10, 34)]  # 25 tokens: three full blocks of 8.
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    # Each runs alone in slot 0; LONG overwrites the system prompt's rows before they are
+    # loaded back from the pool.
+    prompts = [system + [5, 6], LONG, system + [7]]
+    got = [alone(prompt, greedy) for prompt in prompts]
+    assert [o[-1].cached_tokens for o in got] == [0, 0, 24]
+    want = complete(Sampler(CONFIG, *model, num_slots=1, kv_dtype="int8"), prompts, greedy)
+    assert [tokens_of(o) for o in got] == [w.token_ids for w in want]
+    pool = engine.prefix_cache.pool
+    assert pool.keys[0][0].dtype == np.int8 and pool.key_scales[0][0].dtype == np.float32
+    assert pool.key_scales[0][0].shape == (engine.prefix_cache.num_blocks, 2, 8, 1)

@@ -3,6 +3,7 @@
 sampler.py     Sampler: fixed slots; extend (prompts into slots) -> activate -> generate
                (bucketed decode calls) -> release
 kv_cache.py    KVCache per layer and the Decoder's forward through it
+kv_quant.py    the int8 cache: quantize on write, the attention products that read it
 sampling.py    SamplingParams (one request), per-slot arrays, choose_tokens
 detokenize.py  incremental detokenization and stop strings
 reference.py   full-forward decoding, the oracle the sampler is tested against

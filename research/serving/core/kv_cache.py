@@ -5,6 +5,8 @@ at the decode key buckets into segments: [B, K, S_i, H] arrays in the compute dt
 per slot, K kv heads: grouped-query attention stores the K kv heads, never the N query
 heads). For max_len 2048 the segments hold positions [0, 256), [256, 1024), [1024, 2048).
 Heads come before positions because a decode step's two attention matmuls batch over (B, K).
+With kv_dtype "int8" the segments are int8 and each has a [B, K, S_i, 1] float32 scale
+segment beside it (kv_quant.py: quantized on write, scales applied inside the attention).
 
 Why segments: a decode call that needs only the first L positions reads whole segments, with
 no slice. XLA:CPU copies a slice of a buffer before a dot, and those copies cost as much as
@@ -33,7 +35,10 @@ import jax
 import jax.numpy as jnp
 
 from research import sharding
+from research.errors import UserError
 from research.model import Decoder
+from research.serving.core import kv_quant
+from research.serving.core.kv_quant import KV_DTYPES
 
 # [B, K, S, H]: slots over the batch axes, kv heads over "tensor" (dropped where K does not
 # divide, see sharding.fit_spec).
@@ -61,16 +66,34 @@ def segment_bounds(max_len: int) -> tuple[tuple[int, int], ...]:
     return tuple(zip((0, *ends[:-1]), ends, strict=True))
 
 
+def check_kv_dtype(kv_dtype: str, field: str = "kv_dtype") -> None:
+    """UserError naming `field` unless kv_dtype is one of KV_DTYPES."""
+    if kv_dtype not in KV_DTYPES:
+        raise UserError(
+            f"{field}={kv_dtype!r} is not a KV cache dtype; use 'auto' (the model's compute "
+            "dtype) or 'int8' (int8 keys and values with a float32 scale per kv head and "
+            "position: about a quarter of a float32 cache, half of a bfloat16 one)."
+        )
+
+
 @flax.struct.dataclass
 class KVCache:
-    """keys[l], values[l]: per layer, a tuple of segments [B, K, S_i, H] (compute dtype)."""
+    """keys[l], values[l]: per layer, a tuple of segments [B, K, S_i, H] (compute dtype, or
+    int8). key_scales[l], value_scales[l]: for an int8 cache the matching [B, K, S_i, 1]
+    float32 scale segments; () for a float cache."""
 
     keys: tuple
     values: tuple
+    key_scales: tuple
+    value_scales: tuple
 
     @property
     def num_slots(self) -> int:
         return self.keys[0][0].shape[0]
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.key_scales[0])
 
     @property
     def max_len(self) -> int:
@@ -86,40 +109,62 @@ def whole(segments) -> jax.Array:
     return segments[0] if len(segments) == 1 else jnp.concatenate(segments, axis=2)
 
 
-def cache_shape(model_config, num_slots: int, max_len: int) -> jax.ShapeDtypeStruct:
+def cache_shape(
+    model_config, num_slots: int, max_len: int, kv_dtype: str = "auto"
+) -> jax.ShapeDtypeStruct:
     """The abstract [B, K, S, H] array of one layer's keys (or values), all segments."""
     shape = (num_slots, model_config.num_kv_heads, max_len, model_config.resolved_head_dim)
-    return jax.ShapeDtypeStruct(shape, jnp.dtype(model_config.dtype))
+    dtype = jnp.int8 if kv_dtype == "int8" else jnp.dtype(model_config.dtype)
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def init_cache(model_config, num_slots: int, max_len: int) -> KVCache:
+def init_cache(model_config, num_slots: int, max_len: int, kv_dtype: str = "auto") -> KVCache:
     """A zero cache (call inside jit with out_shardings to create it sharded)."""
-    b, k, _, h = cache_shape(model_config, num_slots, max_len).shape
-    dtype = jnp.dtype(model_config.dtype)
+    check_kv_dtype(kv_dtype)
+    spec = cache_shape(model_config, num_slots, max_len, kv_dtype)
+    b, k, _, h = spec.shape
 
-    def layer():
+    def layer(last, dtype):
         return tuple(
-            jnp.zeros((b, k, end - start, h), dtype) for start, end in segment_bounds(max_len)
+            jnp.zeros((b, k, end - start, last), dtype) for start, end in segment_bounds(max_len)
         )
 
     layers = range(model_config.num_layers)
-    return KVCache(keys=tuple(layer() for _ in layers), values=tuple(layer() for _ in layers))
+    cache = tuple(layer(h, spec.dtype) for _ in layers), tuple(layer(h, spec.dtype) for _ in layers)
+    if kv_dtype == "int8":
+        scales = tuple(layer(1, jnp.float32) for _ in layers)
+        scales = scales, tuple(layer(1, jnp.float32) for _ in layers)
+    else:
+        scales = tuple(() for _ in layers), tuple(() for _ in layers)
+    return KVCache(keys=cache[0], values=cache[1], key_scales=scales[0], value_scales=scales[1])
 
 
-def cache_sharding(mesh, model_config, num_slots: int, max_len: int) -> KVCache:
-    """NamedShardings of every cache leaf on `mesh`."""
-    spec = cache_shape(model_config, num_slots, max_len)
-    named = jax.sharding.NamedSharding(
-        mesh, sharding.fit_spec(sharding.logical_to_spec(CACHE_AXES), spec.shape, mesh)
+def cache_sharding(
+    mesh, model_config, num_slots: int, max_len: int, kv_dtype: str = "auto"
+) -> KVCache:
+    """NamedShardings of every cache leaf on `mesh` (scales as the keys: heads split)."""
+    abstract = jax.eval_shape(lambda: init_cache(model_config, num_slots, max_len, kv_dtype))
+    spec = sharding.logical_to_spec(CACHE_AXES)
+    return jax.tree.map(
+        lambda leaf: jax.sharding.NamedSharding(mesh, sharding.fit_spec(spec, leaf.shape, mesh)),
+        abstract,
     )
-    layer = tuple(named for _ in segment_bounds(max_len))
-    layers = tuple(layer for _ in range(model_config.num_layers))
-    return KVCache(keys=layers, values=layers)
 
 
 def _mlp(block, x_btd):
     x_btd = x_btd + block.mlp(block.mlp_norm(x_btd))
     return sharding.constrain(x_btd, _ACTIVATION_AXES)
+
+
+def _write_kv(segments, scales, bounds, rows, positions, new):
+    """`_write` of new keys (or values) [..., K, H]: as they are into a float cache, or
+    quantized into int8 segments plus their scale segments. Returns (segments, scales)."""
+    if not scales:
+        return _write(segments, bounds, rows, positions, new), scales
+    q, scale = kv_quant.quantize(new)
+    return _write(segments, bounds, rows, positions, q), _write(
+        scales, bounds, rows, positions, scale
+    )
 
 
 def _write(segments, bounds, rows, positions, new):
@@ -139,6 +184,8 @@ def decode_attention(
     v_bksh,
     mask_bs: jax.Array,
     own_kv: tuple[jax.Array, jax.Array] | None = None,
+    key_scales=(),
+    value_scales=(),
 ) -> jax.Array:
     """softmax(q k^T / sqrt(H) masked) v for one query per row, against the cache.
 
@@ -148,23 +195,31 @@ def decode_attention(
     Args:
       q_bnh: [B, N, H] queries, compute dtype.
       k_bksh, v_bksh: [B, K, S, H] cache, or a sequence of segments [B, K, S_i, H] that
-        together make S positions; compute dtype.
+        together make S positions; compute dtype, or int8 with scales.
       mask_bs: [B, S] bool, True where the cached key may be attended to (at least one per
         row unless own_kv is given).
       own_kv: ([B, K, H], [B, K, H]) the query token's own key and value, attended to after
-        the cache, when they are not in it yet (see `decode_step`).
+        the cache, when they are not in it yet (see `decode_step`); compute dtype.
+      key_scales, value_scales: for an int8 cache, its [B, K, S, 1] float32 scales (or
+        segments, as the cache); empty for a float cache.
 
     Returns:
-      [B, N, H] in the dtype of v.
+      [B, N, H] in the dtype of q.
     """
-    keys = tuple(k_bksh) if isinstance(k_bksh, (list, tuple)) else (k_bksh,)
-    values = tuple(v_bksh) if isinstance(v_bksh, (list, tuple)) else (v_bksh,)
+
+    def segments(x):
+        return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+
+    keys, values = segments(k_bksh), segments(v_bksh)
+    key_scales, value_scales = segments(key_scales), segments(value_scales)
     b, n, h = q_bnh.shape
     k = keys[0].shape[1]
     q_bkgh = (q_bnh * jnp.asarray(h**-0.5, q_bnh.dtype)).reshape(b, k, n // k, h)
     f32 = jnp.float32
 
-    def logits(k_bksh):
+    def logits(k_bksh, scale_bks1=None):
+        if scale_bks1 is not None:
+            return kv_quant.logits(q_bkgh, k_bksh, scale_bks1)
         if k == n:  # No group axis: XLA:CPU handles a size-1 axis in these dots poorly.
             logits_bks = jnp.einsum(
                 "bkh,bksh->bks", q_bkgh[:, :, 0], k_bksh, preferred_element_type=f32
@@ -172,24 +227,32 @@ def decode_attention(
             return logits_bks[:, :, None]
         return jnp.einsum("bkgh,bksh->bkgs", q_bkgh, k_bksh, preferred_element_type=f32)
 
-    logits_bkgs = jnp.concatenate([logits(segment) for segment in keys], axis=-1)
+    quantized = bool(key_scales)
+    scales = key_scales if quantized else (None,) * len(keys)
+    logits_bkgs = jnp.concatenate(
+        [logits(*pair) for pair in zip(keys, scales, strict=True)], axis=-1
+    )
     logits_bkgs = jnp.where(mask_bs[:, None, None], logits_bkgs, _MASK_VALUE)
     if own_kv is not None:
         own_bkg = jnp.einsum("bkgh,bkh->bkg", q_bkgh, own_kv[0], preferred_element_type=f32)
         logits_bkgs = jnp.concatenate([logits_bkgs, own_bkg[..., None]], axis=-1)
-    probs_bkgs = jax.nn.softmax(logits_bkgs, axis=-1).astype(values[0].dtype)
+    probs_bkgs = jax.nn.softmax(logits_bkgs, axis=-1)
+    if not quantized:
+        probs_bkgs = probs_bkgs.astype(values[0].dtype)
     y_bkgh, start = 0, 0
-    for v_seg in values:
+    for i, v_seg in enumerate(values):
         size = v_seg.shape[2]
         p_bkgs = probs_bkgs[..., start : start + size]
-        if k == n:
+        if quantized:
+            y_bkgh = y_bkgh + kv_quant.weighted_values(p_bkgs, v_seg, value_scales[i])
+        elif k == n:
             y_bkgh = y_bkgh + jnp.einsum("bks,bksh->bkh", p_bkgs[:, :, 0], v_seg)[:, :, None]
         else:
             y_bkgh = y_bkgh + jnp.einsum("bkgs,bksh->bkgh", p_bkgs, v_seg)
         start += size
     if own_kv is not None:
         y_bkgh = y_bkgh + probs_bkgs[..., start:] * own_kv[1][:, :, None]
-    return y_bkgh.reshape(b, n, h)
+    return y_bkgh.reshape(b, n, h).astype(q_bnh.dtype)
 
 
 def decode_step(
@@ -233,32 +296,56 @@ def decode_step(
     write_at_r = jnp.where(writes_r, positions_r, s)
     rows_r = jnp.arange(r)
     x_rtd = model.embed(tokens_r[:, None], positions_r1)
-    keys, values = [], []
-    for block, k_segments, v_segments in zip(model.layers, cache.keys, cache.values, strict=True):
+
+    def rows(segment):
+        return segment if r == b else segment[:r]
+
+    new = {"keys": [], "values": [], "key_scales": [], "value_scales": []}
+    layers = zip(model.layers, *(getattr(cache, name) for name in new), strict=True)
+    for block, k_segments, v_segments, k_scales, v_scales in layers:
         attention = block.attention
         q_r1nh, k_r1kh, v_r1kh = attention.project_qkv(block.attention_norm(x_rtd), positions_r1)
-        own_kv = k_r1kh[:, 0].astype(k_segments[0].dtype), v_r1kh[:, 0].astype(v_segments[0].dtype)
-
-        def rows(segment):
-            return segment if r == b else segment[:r]
-
+        if cache.quantized:
+            # The token attends to its own key and value as the cache will hold them, so
+            # decode and prompt attention (which writes before it reads) see the same keys.
+            new_kv = (*kv_quant.quantize(k_r1kh[:, 0]), *kv_quant.quantize(v_r1kh[:, 0]))
+            own_kv = (
+                kv_quant.dequantize(*new_kv[:2], q_r1nh.dtype),
+                kv_quant.dequantize(*new_kv[2:], q_r1nh.dtype),
+            )
+        else:
+            own_kv = (
+                k_r1kh[:, 0].astype(k_segments[0].dtype),
+                v_r1kh[:, 0].astype(v_segments[0].dtype),
+            )
+            new_kv = own_kv
         y_rnh = decode_attention(
             q_r1nh[:, 0],
             [rows(x) for x in k_segments[:used]],
             [rows(x) for x in v_segments[:used]],
             earlier_rl,
             own_kv,
+            [rows(x) for x in k_scales[:used]],
+            [rows(x) for x in v_scales[:used]],
         )
-        k_rkh, v_rkh = _after(y_rnh, own_kv)
-        keys.append(_write(k_segments, bounds, rows_r, write_at_r, k_rkh))
-        values.append(_write(v_segments, bounds, rows_r, write_at_r, v_rkh))
+        where = bounds, rows_r, write_at_r
+        if cache.quantized:
+            k_rkh, k_scale_rk1, v_rkh, v_scale_rk1 = _after(y_rnh, new_kv)
+            k_scales = _write(k_scales, *where, k_scale_rk1)
+            v_scales = _write(v_scales, *where, v_scale_rk1)
+        else:
+            k_rkh, v_rkh = _after(y_rnh, new_kv)
+        k_segments = _write(k_segments, *where, k_rkh)
+        v_segments = _write(v_segments, *where, v_rkh)
+        for name, layer in zip(new, (k_segments, v_segments, k_scales, v_scales), strict=True):
+            new[name].append(layer)
         x_rtd = _mlp(block, x_rtd + attention.project_out(y_rnh[:, None]))
     logits_rv = model.unembed(x_rtd)[:, 0].astype(jnp.float32)
-    return logits_rv, KVCache(keys=tuple(keys), values=tuple(values))
+    return logits_rv, KVCache(**{name: tuple(value) for name, value in new.items()})
 
 
 def _after(y_bnh: jax.Array, arrays: tuple) -> tuple:
-    """[B, K, H] `arrays`, unchanged in value but computed from `y_bnh`: XLA runs their users
+    """[B, K, ...] `arrays`, unchanged in value but computed from `y_bnh`: XLA runs their users
     (the cache writes) after the attention that made y.
 
     Adds an exact zero made from one element of y per (row, kv head), finite or not: local
@@ -277,6 +364,8 @@ def blockwise_attention(
     v_bksh,
     positions_bt: jax.Array,
     rows_b: jax.Array | None = None,
+    key_scales=(),
+    value_scales=(),
     *,
     block: int = KEY_BLOCK,
 ) -> jax.Array:
@@ -290,16 +379,26 @@ def blockwise_attention(
     Args:
       q_btnh: [B, T, N, H] queries, compute dtype.
       k_bksh, v_bksh: [C, K, S, H] cache, or its segments [C, K, S_i, H] (already holding
-        the queries' own keys).
+        the queries' own keys); compute dtype, or int8 with scales.
       positions_bt: [B, T] int32 position of each query (keys at or before it are seen).
       rows_b: [B] int32 cache row of each query row, in [0, C); default arange(B).
+      key_scales, value_scales: for an int8 cache, its [C, K, S, 1] float32 scales (or
+        segments, as the cache); empty for a float cache. Each block is converted to the
+        compute dtype as it is read; the scales multiply the logits and the probabilities.
       block: keys per loop step (at most each segment's length).
 
     Returns:
-      [B, T, N, H] in the dtype of v. Logits and softmax statistics are float32.
+      [B, T, N, H] in the dtype of q. Logits and softmax statistics are float32.
     """
-    keys = tuple(k_bksh) if isinstance(k_bksh, (list, tuple)) else (k_bksh,)
-    values = tuple(v_bksh) if isinstance(v_bksh, (list, tuple)) else (v_bksh,)
+
+    def segments(x):
+        return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+
+    keys, values = segments(k_bksh), segments(v_bksh)
+    key_scales, value_scales = segments(key_scales), segments(value_scales)
+    quantized = bool(key_scales)
+    if not quantized:
+        key_scales = value_scales = (None,) * len(keys)
     b, t, n, h = q_btnh.shape
     k = keys[0].shape[1]
     g = n // k
@@ -314,26 +413,30 @@ def blockwise_attention(
         jnp.zeros((b, k, g, t, h), f32),
     )
     offset = 0
-    for k_seg, v_seg in zip(keys, values, strict=True):
+    for k_seg, v_seg, ks_seg, vs_seg in zip(keys, values, key_scales, value_scales, strict=True):
         size = k_seg.shape[2]
         seg_block = min(block, size)
 
         def read(cache_cksh, start, seg_block=seg_block):  # [B, K, block, H] from start.
             def one(row):
-                shape = (1, k, seg_block, h)
+                shape = (1, k, seg_block, cache_cksh.shape[3])
                 return jax.lax.dynamic_slice(cache_cksh, (row, 0, start, 0), shape)[0]
 
             return jax.vmap(one)(rows_b)
 
-        def step(i, carry, k_seg=k_seg, v_seg=v_seg, size=size, seg_block=seg_block,
-                 offset=offset, read=read):  # fmt: skip
+        def step(i, carry, k_seg=k_seg, v_seg=v_seg, ks_seg=ks_seg, vs_seg=vs_seg, size=size,
+                 seg_block=seg_block, offset=offset, read=read):  # fmt: skip
             max_bkgt, sum_bkgt, out_bkgth = carry
             # The last block may be shifted back to fit; keys before i * block are done.
             start = jnp.minimum(i * seg_block, size - seg_block)
             k_bkch, v_bkch = read(k_seg, start), read(v_seg, start)
+            if quantized:  # int8 -> compute dtype: exact (|q| <= 127), one block at a time.
+                k_bkch, v_bkch = k_bkch.astype(q_btnh.dtype), v_bkch.astype(q_btnh.dtype)
             logits_bkgtc = jnp.einsum(
                 "bkgth,bkch->bkgtc", q_bkgth, k_bkch, preferred_element_type=f32
             )
+            if quantized:
+                logits_bkgtc = logits_bkgtc * read(ks_seg, start)[:, :, None, None, :, 0]
             index_c = offset + start + jnp.arange(seg_block)
             visible_btc = (index_c[None, None] <= positions_bt[:, :, None]) & (
                 index_c >= offset + i * seg_block
@@ -343,9 +446,11 @@ def blockwise_attention(
             probs_bkgtc = jnp.exp(logits_bkgtc - new_max_bkgt[..., None])
             scale_bkgt = jnp.exp(max_bkgt - new_max_bkgt)
             sum_bkgt = sum_bkgt * scale_bkgt + jnp.sum(probs_bkgtc, axis=-1)
+            if quantized:  # The value scales weight the probabilities (the sum keeps p).
+                probs_bkgtc = probs_bkgtc * read(vs_seg, start)[:, :, None, None, :, 0]
             update_bkgth = jnp.einsum(
                 "bkgtc,bkch->bkgth",
-                probs_bkgtc.astype(v_seg.dtype),
+                probs_bkgtc.astype(v_bkch.dtype),
                 v_bkch,
                 preferred_element_type=f32,
             )
@@ -356,7 +461,7 @@ def blockwise_attention(
         carry = jax.lax.fori_loop(0, count, step, carry)
         offset += size
     _, sum_bkgt, out_bkgth = carry
-    y_bkgth = (out_bkgth / sum_bkgt[..., None]).astype(values[0].dtype)
+    y_bkgth = (out_bkgth / sum_bkgt[..., None]).astype(q_btnh.dtype)
     return y_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
@@ -399,15 +504,19 @@ def extend(
     read_r = jnp.where(valid_r, slots_r, 0)
     write_slot_rt = jnp.broadcast_to(jnp.where(valid_r, slots_r, b)[:, None], (r, t))
     x_rtd = model.embed(tokens_rt, clipped_rt)
-    keys, values = [], []
-    for block, k_segments, v_segments in zip(model.layers, cache.keys, cache.values, strict=True):
+    new = {"keys": [], "values": [], "key_scales": [], "value_scales": []}
+    layers = zip(model.layers, *(getattr(cache, name) for name in new), strict=True)
+    for block, k_segments, v_segments, k_scales, v_scales in layers:
         attention = block.attention
         q_rtnh, k_rtkh, v_rtkh = attention.project_qkv(block.attention_norm(x_rtd), positions_rt)
         # cache[slot, :, position] = new[r, t]: the advanced indices come first, [R, T, K, H].
-        k_segments = _write(k_segments, bounds, write_slot_rt, positions_rt, k_rtkh)
-        v_segments = _write(v_segments, bounds, write_slot_rt, positions_rt, v_rtkh)
-        keys.append(k_segments)
-        values.append(v_segments)
-        y_rtnh = blockwise_attention(q_rtnh, k_segments, v_segments, attend_rt, read_r)
+        where = bounds, write_slot_rt, positions_rt
+        k_segments, k_scales = _write_kv(k_segments, k_scales, *where, k_rtkh)
+        v_segments, v_scales = _write_kv(v_segments, v_scales, *where, v_rtkh)
+        for name, layer in zip(new, (k_segments, v_segments, k_scales, v_scales), strict=True):
+            new[name].append(layer)
+        y_rtnh = blockwise_attention(
+            q_rtnh, k_segments, v_segments, attend_rt, read_r, k_scales, v_scales
+        )
         x_rtd = _mlp(block, x_rtd + attention.project_out(y_rtnh))
-    return x_rtd, KVCache(keys=tuple(keys), values=tuple(values))
+    return x_rtd, KVCache(**{name: tuple(value) for name, value in new.items()})

@@ -27,6 +27,10 @@ float rounding between batch sizes), so `compile_bucket` may run ahead of time, 
 background thread while the largest bucket already serves. A step never reads past L: the
 loop stops early instead (the rest comes from the next call).
 
+The cache holds keys and values in the model's compute dtype, or with kv_dtype="int8" as
+int8 with a float32 scale per (slot, kv head, position): about a quarter of a float32
+cache's bytes, half of a bfloat16 one (kv_quant.py).
+
 Every slot carries its own SamplingParams as array rows, and each slot's random draws come
 from (its seed, its token index) only. Capacity: a slot holds `max_len` tokens (prompt +
 generated); a prompt may use max_len - 1. Under a mesh, the cache's kv heads are split over
@@ -119,6 +123,8 @@ class Sampler:
       steps_per_call: decode steps per `generate` call.
       num_top_logprobs: N alternatives reported per token (0 = none).
       max_stop_tokens: stop token ids a request may give.
+      kv_dtype: the KV cache's dtype: "auto" (the compute dtype) or "int8" (per kv head
+        and position scales; see kv_quant.py).
       mesh: a (data, fsdp, tensor) mesh to run on; None = the parameters' mesh if they are
         placed on one, else the default device. Every call's state keeps the shardings the
         mesh implies, so no call ever recompiles for a state placed differently.
@@ -135,6 +141,7 @@ class Sampler:
         steps_per_call: int = 16,
         num_top_logprobs: int = 0,
         max_stop_tokens: int = 8,
+        kv_dtype: str = "auto",
         mesh=None,
     ):
         max_len = max_len or model_config.max_seq_len
@@ -146,6 +153,7 @@ class Sampler:
         for name, value in (("num_slots", num_slots), ("steps_per_call", steps_per_call)):
             if value < 1:
                 raise UserError(f"sampler {name}={value} must be >= 1.")
+        kv_cache.check_kv_dtype(kv_dtype, "sampler kv_dtype")
         if mesh is None:  # Parameters already on a mesh (e.g. `load`'s one device): that one.
             sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
             mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
@@ -153,6 +161,7 @@ class Sampler:
         self.graphdef = graphdef
         self.num_slots, self.max_len, self.steps_per_call = num_slots, max_len, steps_per_call
         self.num_top_logprobs, self.max_stop_tokens = num_top_logprobs, max_stop_tokens
+        self.kv_dtype = kv_dtype
         self.mesh = mesh
         self.params = shard_params(params, mesh) if mesh is not None else params
         self.row_buckets = row_buckets(num_slots)
@@ -193,7 +202,7 @@ class Sampler:
         b, v = self.num_slots, self.model_config.vocab_size
         empty = SamplingParams(max_new_tokens=1, temperature=0.0)
         return DecodeState(
-            cache=kv_cache.init_cache(self.model_config, b, self.max_len),
+            cache=kv_cache.init_cache(self.model_config, b, self.max_len, self.kv_dtype),
             logits=jnp.zeros((b, v), jnp.float32),
             lengths=jnp.zeros((b,), jnp.int32),
             num_generated=jnp.zeros((b,), jnp.int32),
@@ -208,7 +217,9 @@ class Sampler:
         abstract = jax.eval_shape(self._init_state)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         shardings = jax.tree.map(lambda _: replicated, abstract)
-        cache = kv_cache.cache_sharding(self.mesh, self.model_config, self.num_slots, self.max_len)
+        cache = kv_cache.cache_sharding(
+            self.mesh, self.model_config, self.num_slots, self.max_len, self.kv_dtype
+        )
         return shardings.replace(cache=cache)
 
     def _generate_fn(self, params, state: DecodeState, num_steps, *, num_rows, num_keys):

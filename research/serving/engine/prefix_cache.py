@@ -1,7 +1,8 @@
 """Reuse of prompt prefixes' keys and values across requests (system prompts, few-shot).
 
 Prompts are cut into blocks of `block` tokens. The keys and values of a full block live in a
-device pool ([M, K, block, H] per layer, M blocks within a memory budget) under a key that
+device pool ([M, K, block, H] per layer, M blocks within a memory budget; an int8 cache's
+blocks carry their [M, K, block, 1] scales, copied the same way) under a key that
 names the block's tokens AND everything before it: (parent block's uid, this block's tokens).
 A new prompt walks its blocks from the start while they are in the pool; the matched blocks
 are copied into its slot's cache rows and only the rest of the prompt is prefilled
@@ -22,7 +23,6 @@ masked), so no prompt length ever recompiles them.
 
 import collections
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import jax
@@ -30,6 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.serving.core import kv_cache
+
+
+def _is_layer(x) -> bool:
+    """A layer of a KVCache field: a tuple of segments (empty for a float cache's scales)."""
+    return isinstance(x, tuple) and not any(isinstance(a, tuple) for a in x)
 
 
 @dataclasses.dataclass
@@ -47,16 +52,25 @@ class PrefixCache:
       max_len: S, the sampler's tokens per slot.
       budget_bytes: device memory for the pool; the number of blocks is what fits.
       block: tokens per block.
+      kv_dtype: the sampler's KV cache dtype ("auto" or "int8").
       mesh: the sampler's mesh, if any: the pool's kv heads are split as the cache's are.
     """
 
     def __init__(
-        self, model_config, max_len: int, budget_bytes: float, block: int = 16, *, mesh=None
+        self,
+        model_config,
+        max_len: int,
+        budget_bytes: float,
+        block: int = 16,
+        *,
+        kv_dtype: str = "auto",
+        mesh=None,
     ):
         self.block = block
         self.max_len = max_len
-        spec = kv_cache.cache_shape(model_config, 1, block)
-        self.block_bytes = 2 * model_config.num_layers * math.prod(spec.shape) * spec.dtype.itemsize
+        # One slot's cache of `block` positions is one segment per layer: a block's shapes.
+        one_block = jax.eval_shape(lambda: kv_cache.init_cache(model_config, 1, block, kv_dtype))
+        self.block_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(one_block))
         self.num_blocks = int(budget_bytes // self.block_bytes)
         self.blocks_per_slot = -(-max_len // block)
         self._by_key: dict[tuple, _Block] = {}
@@ -68,13 +82,9 @@ class PrefixCache:
         if self.num_blocks == 0:
             self.pool = None
             return
-        _, k, _, h = spec.shape
-        shape = (self.num_blocks, k, block, h)
-        layers = range(model_config.num_layers)
-        # (keys, values), one [M, K, block, H] array per layer each.
-        self.pool = (
-            tuple(jnp.zeros(shape, spec.dtype) for _ in layers),
-            tuple(jnp.zeros(shape, spec.dtype) for _ in layers),
+        # A KVCache whose one segment per layer is [M, K, block, H] (scales: [M, K, block, 1]).
+        self.pool = jax.tree.map(
+            lambda a: jnp.zeros((self.num_blocks, *a.shape[1:]), a.dtype), one_block
         )
         if mesh is not None:  # Blocks replicated, heads as in the slots' cache.
             cache_spec = kv_cache.cache_sharding(mesh, model_config, 1, max_len).keys[0][0].spec
@@ -156,7 +166,10 @@ class PrefixCache:
         """cache rows [slot, :, :num_tokens] = the pooled blocks indices_m, in order."""
         s, m, blk = self.max_len, self.blocks_per_slot, self.block
 
-        def load(segments, p_mkbh):
+        def load(segments, pool_layer):
+            if not segments:
+                return ()
+            (p_mkbh,) = pool_layer
             _, k, _, h = p_mkbh.shape
             blocks_kmbh = p_mkbh[indices_m].transpose(1, 0, 2, 3)
             row_ksh = blocks_kmbh.reshape(k, m * blk, h)[:, :s]
@@ -170,9 +183,7 @@ class PrefixCache:
                 out.append(jax.lax.dynamic_update_slice_in_dim(c_bksh, new_1ksh, slot, 0))
             return tuple(out)
 
-        keys = tuple(load(c, p) for c, p in zip(cache.keys, pool[0], strict=True))
-        values = tuple(load(c, p) for c, p in zip(cache.values, pool[1], strict=True))
-        return kv_cache.KVCache(keys=keys, values=values)
+        return jax.tree.map(load, cache, pool, is_leaf=_is_layer)
 
     def _store_fn(self, pool, cache, slot, indices_m):
         """pool[indices_m[i]] = block i of the slot's row (index num_blocks = skip)."""
@@ -186,9 +197,10 @@ class PrefixCache:
             blocks_mkbh = row_ksh.reshape(k, m, blk, h).transpose(1, 0, 2, 3)
             return p_mkbh.at[indices_m].set(blocks_mkbh, mode="drop")
 
-        keys = tuple(store(p, c) for p, c in zip(pool[0], cache.keys, strict=True))
-        values = tuple(store(p, c) for p, c in zip(pool[1], cache.values, strict=True))
-        return keys, values
+        def layer(pool_layer, segments):
+            return (store(pool_layer[0], segments),) if segments else ()
+
+        return jax.tree.map(layer, pool, cache, is_leaf=_is_layer)
 
     def load(self, cache: kv_cache.KVCache, slot: int, chain: list[_Block]) -> kv_cache.KVCache:
         """Copies the matched blocks into `slot`'s rows 0..len(chain)*block (cache donated)."""
