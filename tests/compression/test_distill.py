@@ -111,7 +111,7 @@ def test_cached_topk_distillation_reuses_the_cache_and_moves_the_student(tmp_pat
     documents = default_corpus_documents()[:20]
     tokenizer = train_tokenizer(documents, config.vocab_size)
     settings = distill.DistillConfig(
-        steps=30, batch_size=4, seq_len=32, learning_rate=3e-3, teacher_topk=16,
+        steps=10, batch_size=4, seq_len=32, learning_rate=3e-3, teacher_topk=16,
         cache_dir=str(tmp_path),
     )  # fmt: skip
     runs = []
@@ -127,4 +127,4 @@ def test_cached_topk_distillation_reuses_the_cache_and_moves_the_student(tmp_pat
     assert len(list(tmp_path.glob("teacher_top16-*.npz"))) == 1
     first, second = runs[0][1], runs[1][1]
     assert [h["kd"] for h in first] == [h["kd"] for h in second]  # Same cache, same run.
-    assert first[-1]["kd"] < 0.6 * first[0]["kd"], first
+    assert first[-1]["kd"] < 0.8 * first[0]["kd"], first
