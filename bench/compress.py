@@ -5,14 +5,17 @@ fp32, HF transformers generate (fp32) and llama.cpp, all in the same run.
   .venv/bin/python bench/compress.py [--eval_tokens 32768] [--reps 5] [--rounds 2] [--no_peers]
 
 Quality (research/compression/evaluate.py, windows of 512, second half scored): int8 in
-groups of 32 (the shipped recipe) and per output channel, int4 g32 round-to-nearest, int4 g32
-GPTQ (calibrated on the bundled corpus), and llama.cpp's Q8_0 / Q4_0 made by the `gguf`
+groups of 32 (the shipped recipe) and per output channel; int4 (symmetric, Q4_0's grid) g32
+and int4_asym (scale + min, Q4_1's grid) g32 and g64, each round-to-nearest and GPTQ
+(calibrated on the bundled corpus); llama.cpp's Q8_0 / Q4_0 / Q4_1 made by the `gguf`
 package's quantizers; the 20-layer model healed for --distill_steps by distillation and by
-cross-entropy alone (same data, steps, init). Speed: greedy decode tokens/s at batch 1
-through the serving Sampler (research/compression/speed.py: 16-token prompt, 64 new tokens),
-the median of --reps, best of --rounds (rounds interleave the models, so load from a neighbour
-hits all alike). Depth: SmolLM2 pruned from 30 to 20 layers by layer influence, decode speed
-over the original. The last line is one JSON object.
+cross-entropy alone (same data, steps, init). The headline int4 figures are those of the
+shipped recipes (configs/compress/smollm2_int4.gin and smollm2_int4_gptq.gin: their quant,
+group and method). Speed: greedy decode tokens/s at batch 1 through the serving Sampler
+(research/compression/speed.py: 16-token prompt, 64 new tokens), the median of --reps, best
+of --rounds (rounds interleave the models, so load from a neighbour hits all alike). Depth:
+SmolLM2 pruned from 30 to 20 layers by layer influence, decode speed over the original. The
+last line is one JSON object.
 """
 
 import argparse
@@ -30,6 +33,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from bench.serve import hf_decode, prepare, smollm2_gguf  # noqa: E402
+from launch import config as gin_config  # noqa: E402
 from research.checkpoint.load import from_pretrained  # noqa: E402
 from research.checkpoint.pretrained import Pretrained, load_pretrained  # noqa: E402
 from research.compression import (  # noqa: E402
@@ -42,12 +46,30 @@ from research.compression import (  # noqa: E402
     quantize,
     speed,
 )
+from research.compression.config import CompressConfig  # noqa: E402
 
 NEW = 64
+# The shipped int4 recipes: the headline figures are of the models they make.
+RTN_RECIPE = "configs/compress/smollm2_int4.gin"
+GPTQ_RECIPE = "configs/compress/smollm2_int4_gptq.gin"
+# int4 forms measured, each round-to-nearest and by GPTQ: (quant, group).
+INT4_FORMS = (("int4", 32), ("int4_asym", 32), ("int4_asym", 64))
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def model_name(quant: str, group: int, method: str) -> str:
+    """This script's name for a quantized model, e.g. int4_asym_g32_gptq."""
+    return f"{quant}_g{group}" + ("_gptq" if method == "gptq" else "")
+
+
+def recipe_model(path: str) -> str:
+    """The model_name of what a compress recipe (a gin file) makes."""
+    gin_config.parse([os.path.join(ROOT, path)])
+    recipe = gin_config.build(CompressConfig)
+    return model_name(recipe.quant, recipe.quant_group, recipe.method)
 
 
 def llama_cpp_decode(gguf: str, prompt: list[int], reps: int) -> dict | None:
@@ -82,17 +104,28 @@ def main():
     def build(qconfig, qparams):
         return from_pretrained(Pretrained(qconfig, qparams, original.source, original.tokenizer))
 
+    rtn_name, gptq_name = recipe_model(RTN_RECIPE), recipe_model(GPTQ_RECIPE)
     models = {"int8": build(*quantize.quantize_params(config, params, "int8", 32))}
     models["int8_per_channel"] = build(*quantize.quantize_params(config, params, "int8", 0))
-    models["int4_g32"] = build(*quantize.quantize_params(config, params, "int4", 32))
-    start = time.perf_counter()
+    for quant, group in INT4_FORMS:
+        models[model_name(quant, group, "rtn")] = build(
+            *quantize.quantize_params(config, params, quant, group)
+        )
     batches = corpus.calibration_batches(original.tokenizer, args.calibration_sequences, 512)
+    start = time.perf_counter()
     hessians = gptq.collect_hessians(reference.graphdef, reference.params, batches, log=_log)
-    overrides = gptq.gptq_overrides(config, params, hessians, "int4", 32, log=_log)
-    models["int4_g32_gptq"] = build(
-        *quantize.quantize_params(config, params, "int4", 32, overrides=overrides)
-    )
-    gptq_s = time.perf_counter() - start
+    hessians_s, gptq_s = time.perf_counter() - start, {}
+    for quant, group in INT4_FORMS:
+        start = time.perf_counter()
+        overrides = gptq.gptq_overrides(config, params, hessians, quant, group, log=_log)
+        name = model_name(quant, group, "gptq")
+        models[name] = build(
+            *quantize.quantize_params(config, params, quant, group, overrides=overrides)
+        )
+        gptq_s[name] = time.perf_counter() - start
+    missing = {rtn_name, gptq_name} - set(models)
+    if missing:
+        sys.exit(f"the int4 recipes make {sorted(missing)}; add their form to INT4_FORMS")
     importance = prune.layer_importance(reference.graphdef, reference.params, batches[:4])
     keep = prune.least_important(importance, config.num_layers - 20)
     depth20 = build(*prune.drop_layers(config, params, keep))
@@ -118,7 +151,7 @@ def main():
     # Quality.
     tokens = evaluate.heldout_tokens(original.tokenizer, max_tokens=args.eval_tokens)
     candidates = dict(models)
-    for kind in ("q8_0", "q4_0"):
+    for kind in ("q8_0", "q4_0", "q4_1"):
         clone = from_pretrained(original)
         clone.params = evaluate.gguf_baseline(config, reference.params, kind)
         candidates[kind] = clone
@@ -129,9 +162,10 @@ def main():
     quality = evaluate.compare(reference, candidates, tokens, window=512, log=_log)
     quality_s = time.perf_counter() - start
 
-    # Speed: rounds interleave every model.
-    speeds = {name: [] for name in ("fp32", *models, "depth20")}
-    timed = {"fp32": reference, **models, "depth20": depth20}
+    # Speed: rounds interleave the models (one of each stored form; GPTQ's is its RTN twin's).
+    forms = dict.fromkeys(("int8", "int8_per_channel", "int4_g32", "int4_asym_g32", rtn_name))
+    timed = {"fp32": reference, **{name: models[name] for name in forms}, "depth20": depth20}
+    speeds = {name: [] for name in timed}
     for round_index in range(args.rounds):
         for name, model in timed.items():
             speeds[name].append(speed.decode_tokens_per_s(model, NEW, args.reps))
@@ -153,6 +187,8 @@ def main():
 
     hf = (peers.get("hf_generate_fp32") or {}).get("decode_tokens_per_s")
     llama = (peers.get("llama_cpp_q4_1") or {}).get("decode_tokens_per_s")
+    q4_0_kl = quality["q4_0"]["kl"]
+    rtn_speed = best[rtn_name]
     result = {
         "model": "SmolLM2-135M-Instruct (bundled Q4_1 GGUF, dequantized to fp32 = reference)",
         "isa": kernel.isa(),
@@ -166,13 +202,16 @@ def main():
         "weight_ratio": sizes,
         "int8_ratio_vs_fp32_b1": ratio(best["int8"], best["fp32"]),
         "int8_ratio_vs_hf_b1": ratio(best["int8"], hf),
-        "int4_ratio_vs_fp32_b1": ratio(best["int4_g32"], best["fp32"]),
-        "int4_ratio_vs_llama_cpp": ratio(best["int4_g32"], llama),
+        "int4_recipes": {"rtn": rtn_name, "gptq": gptq_name},
+        "int4_ratio_vs_fp32_b1": ratio(rtn_speed, best["fp32"]),
+        "int4_ratio_vs_llama_cpp": ratio(rtn_speed, llama),
+        "int4_asym_over_int4_speed": ratio(best["int4_asym_g32"], best["int4_g32"]),
         "int8_dppl": quality["int8"]["dppl_pct"],
         "int8_kl": quality["int8"]["kl"],
         "int8_top1": quality["int8"]["top1"],
-        "int4_rtn_kl_over_q4_0": quality["int4_g32"]["kl"] / quality["q4_0"]["kl"],
-        "int4_kl_over_q4_0": quality["int4_g32_gptq"]["kl"] / quality["q4_0"]["kl"],
+        "int4_rtn_kl_over_q4_0": quality[rtn_name]["kl"] / q4_0_kl,
+        "int4_kl_over_q4_0": quality[gptq_name]["kl"] / q4_0_kl,
+        "kl_over_q4_0": {name: quality[name]["kl"] / q4_0_kl for name in candidates},
         "distill_ppl_over_ce_only": quality["depth20 distilled"]["ppl"]
         / quality["depth20 ce_only"]["ppl"],
         "distill_recovered_fraction": (
@@ -183,6 +222,7 @@ def main():
         "distill_s": distill_s,
         "depth20_decode_speedup": ratio(best["depth20"], best["fp32"]),
         "depth20_layers_kept": keep,
+        "hessians_s": hessians_s,
         "gptq_s": gptq_s,
         "quality_s": quality_s,
     }

@@ -64,24 +64,26 @@ def main():
         sys.exit("build the kernel first: make kernels")
     rng = np.random.default_rng(0)
     f32 = _looped(lambda x, w: jnp.dot(x, w))
-    results, step = {}, {"f32": 0.0, "int8": 0.0, "int4_g32": 0.0}
+    results, step = {}, {"f32": 0.0, "int8": 0.0, "int4_g32": 0.0, "int4_asym_g32": 0.0}
     for name, (k, n) in SHAPES.items():
         w = rng.normal(size=(k, n)).astype(np.float32)
         forms = {"int8": qz.QuantSpec(8, k), "int4_g32": qz.QuantSpec(4, 32),
-                 "int4_g64": qz.QuantSpec(4, 64)}  # fmt: skip
+                 "int4_g64": qz.QuantSpec(4, 64),
+                 "int4_asym_g32": qz.QuantSpec(4, 32, asym=True)}  # fmt: skip
         for m in [int(r) for r in args.rows.split(",")]:
             x = rng.normal(size=(m, k)).astype(np.float32)
             t32 = _time(f32, x, w, reps=args.reps)
             row = {"f32_us": t32 * 1e6, "f32_gb_s": k * n * 4 / t32 / 1e9}
             for form, spec in forms.items():
-                q, s = qz.quantize(w, spec)
+                q, s, mins = qz.quantize(w, spec)
+                groups = (s,) if mins is None else (s, mins)
                 fn = _looped(
-                    lambda x, q, s, spec=spec: kernel.qmatmul(x, q, s, bits=spec.bits,
-                                                              group=spec.group)
+                    lambda x, q, *g, spec=spec: kernel.qmatmul(x, q, *g, bits=spec.bits,
+                                                               group=spec.group)
                 )  # fmt: skip
-                t = _time(fn, x, q, s, reps=args.reps)
+                t = _time(fn, x, q, *groups, reps=args.reps)
                 row[f"{form}_us"] = t * 1e6
-                row[f"{form}_gb_s"] = (q.nbytes + s.nbytes) / t / 1e9
+                row[f"{form}_gb_s"] = (q.nbytes + sum(a.nbytes for a in groups)) / t / 1e9
                 row[f"{form}_vs_f32"] = t32 / t
                 if m == 1 and form in step:
                     step[form] += PER_STEP[name] * t
@@ -93,7 +95,8 @@ def main():
     step_ms = {form: round(t * 1e3, 3) for form, t in step.items()}
     print(json.dumps({"isa": kernel.isa(), "shapes": results, "decode_step_matmuls_ms": step_ms,
                       "int8_step_ratio": step["f32"] / step["int8"],
-                      "int4_step_ratio": step["f32"] / step["int4_g32"]}))  # fmt: skip
+                      "int4_step_ratio": step["f32"] / step["int4_g32"],
+                      "int4_asym_step_ratio": step["f32"] / step["int4_asym_g32"]}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def main(argv):
     for name, model in candidates.items():
         ours = name in models
         rows[name] = _row(metrics[name], model, fp32_bytes, ours=ours)
-        if not ours:  # A baseline's size is its GGUF blocks': 34 bytes per 32 (Q8_0), 18 (Q4_0).
+        if not ours:  # A baseline's size is its GGUF blocks' (_GGUF_BLOCK_BYTES).
             rows[name].update(_gguf_size(name, reference, fp32_bytes))
     if config.speed_tokens:
         for name, model in [("original (fp32)", reference), *candidates.items()]:
@@ -288,9 +288,13 @@ def _size(size: int, model_config, fp32_bytes: int) -> dict:
             "bits_per_weight": 8 * size / weights}  # fmt: skip
 
 
+# Bytes of one GGUF block of 32 weights: fp16 scale (+ fp16 min for Q4_1) and the values.
+_GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
 def _gguf_size(name: str, reference, fp32_bytes: int) -> dict:
-    """Q8_0 stores 34 bytes per 32 weights, Q4_0 18; 1-D tensors stay float32."""
-    per_block = 34 if "Q8_0" in name else 18
+    """A baseline's weight memory as llama.cpp stores it; 1-D tensors stay float32."""
+    per_block = _GGUF_BLOCK_BYTES[name.split()[-1]]
     size = sum(
         x.size * per_block // 32 if x.ndim >= 2 else 4 * x.size
         for x in jax.tree.leaves(reference.params)

@@ -2,14 +2,14 @@
 
 import dataclasses
 
-from research.compression.quantize import INT4_GROUPS, MODES
+from research.compression.quantize import INT4_GROUPS, INT4_MODES, MODES
 from research.errors import UserError
 
 STAGES = ("prune", "distill", "quantize")
 PRUNE_METHODS = ("depth", "width", "magnitude", "wanda")
 SPARSITY_PATTERNS = ("unstructured", "2:4")
 METHODS = ("rtn", "gptq")
-BASELINES = ("q8_0", "q4_0")
+BASELINES = ("q8_0", "q4_0", "q4_1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,9 @@ class CompressConfig:
         distills from the teacher's top-k logits, computed once before training and cached
         in distill_cache_dir (reused by later runs with the same teacher, text and k),
         instead of running the teacher in every step.
-      quant: "int8" (per output channel) or "int4" (groups of quant_group inputs).
+      quant: "int8" (per output channel or groups), "int4" (symmetric, groups of quant_group
+        inputs, a float32 scale each: llama.cpp Q4_0's grid) or "int4_asym" (a float16 scale
+        and min per group: Q4_1's grid, the same 5 bits per weight at group 32).
       quant_group: k per scale: int4 32, 64 or 128; int8 0 (per output channel) or a
         multiple of 4 (32: llama.cpp Q8_0's blocks).
       method: "rtn" (round to nearest) or "gptq" (error-compensating, from calibration text).
@@ -44,7 +46,7 @@ class CompressConfig:
       eval_window: tokens per held-out window; the second half of each is scored.
       eval_tokens: held-out tokens to use (0: the whole shipped set, about 100k+).
       baselines: llama.cpp quantizations (made by the `gguf` package's own quantizers) put
-        through the same evaluator: "q8_0", "q4_0".
+        through the same evaluator: "q8_0", "q4_0", "q4_1".
       speed_tokens: tokens decoded at batch 1 to time each model (0 skips timing).
       speed_reps: timed repetitions (median).
     """
@@ -71,7 +73,7 @@ class CompressConfig:
     calibration_len: int = 512
     eval_window: int = 512
     eval_tokens: int = 0
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] = ("q8_0", "q4_0")
     speed_tokens: int = 64
     speed_reps: int = 3
 
@@ -85,7 +87,7 @@ class CompressConfig:
             raise UserError(f"compress.stages is empty; choose from {STAGES}.")
         if self.quant not in MODES[1:]:
             raise UserError(f"compress.quant={self.quant!r} is not one of {MODES[1:]}.")
-        if self.quant == "int4" and self.quant_group not in INT4_GROUPS:  # int8: ModelConfig.
+        if self.quant in INT4_MODES and self.quant_group not in INT4_GROUPS:  # int8: ModelConfig.
             raise UserError(f"compress.quant_group={self.quant_group} is not one of {INT4_GROUPS}.")
         if self.method not in METHODS:
             raise UserError(f"compress.method={self.method!r} is not one of {METHODS}.")

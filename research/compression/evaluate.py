@@ -8,7 +8,7 @@ window//2 tokens of context. Per scored position, against the reference (float) 
   kl    KL(p_ref || p_cand) of the next-token distributions, in nats (mean),
   top1  fraction of positions where both models' argmax agree.
 `gguf_baseline` makes the comparison points: the same model through the `gguf` package's own
-Q8_0 / Q4_0 round trip, i.e. what llama.cpp's quantizer would do to each matrix.
+Q8_0 / Q4_0 / Q4_1 round trip, i.e. what llama.cpp's quantizer would do to each matrix.
 
 The text (research/compression/heldout/english.txt, sources in SOURCES.md there) is two
 public-domain novels, in no Cirrus training split.
@@ -154,7 +154,7 @@ def _gguf_round_trip(matrix_nk: np.ndarray, qtype) -> np.ndarray:
 def gguf_baseline(model_config, params, kind: str):
     """`params` with every matrix through llama.cpp's quantizer and back (the gguf package).
 
-    kind: "q8_0" or "q4_0". GGUF blocks of 32 run along a matrix's contiguous axis as
+    kind: "q8_0", "q4_0" or "q4_1". GGUF blocks of 32 run along a matrix's contiguous axis as
     llama.cpp stores it, the input axis: a Dense kernel [*in, *out] is viewed as [K, N] and
     transposed to [N, K] for the round trip; a table (the embedding [V, D], learned
     positions) runs along its last axis as it is. Parameters with ndim < 2 (norms, biases)
@@ -167,11 +167,10 @@ def gguf_baseline(model_config, params, kind: str):
 
     from research.compression.quantize import dense_input_shapes
 
-    qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}.get(
-        kind
-    )
+    types = gguf.GGMLQuantizationType
+    qtype = {"q8_0": types.Q8_0, "q4_0": types.Q4_0, "q4_1": types.Q4_1}.get(kind)
     if qtype is None:
-        raise ValueError(f"gguf_baseline kind {kind!r}: use 'q8_0' or 'q4_0'.")
+        raise ValueError(f"gguf_baseline kind {kind!r}: use 'q8_0', 'q4_0' or 'q4_1'.")
     in_shapes = dense_input_shapes(model_config)
     is_state = hasattr(params, "to_pure_dict")
     source = params.to_pure_dict() if is_state else params

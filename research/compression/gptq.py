@@ -6,6 +6,11 @@ Here a matrix is [K, N] (inputs by outputs; research/compression/quantize.py), s
 "columns" are our rows k. Hessians are collected in one pass of the float model over the
 calibration text (the non-sequential variant: every layer sees the float model's inputs),
 which keeps it to a single forward per batch.
+
+Groups (int4, grouped int8) take their grid from the group's current weights, i.e. after the
+error of the rows before them was pushed onto them: a scale for symmetric forms, a scale and
+min (Q4_1's rule, float16) for int4_asym. Rows are rounded against the stored grid, so the
+error each row pushes on is that of the values the matrix will hold.
 """
 
 import contextlib
@@ -16,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.compression.quantize import QuantSpec, int4_scales, pack
+from research.compression.quantize import QuantSpec, int4_asym_grid, int4_scales, pack
 
 
 def quantize_matrix(
     w_kn: np.ndarray, h_kk: np.ndarray, spec: QuantSpec, *, damp: float = 0.01, block: int = 128
-) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ of one [K, N] matrix given its inputs' Hessian [K, K]: (q stored, scale)."""
+):
+    """GPTQ of one [K, N] matrix given its inputs' Hessian [K, K]: (q stored, scale, min), as
+    quantize.quantize returns them (min None unless spec.asym)."""
     k_dim, n = w_kn.shape
     w = np.array(w_kn, np.float32)
     h = np.array(h_kk, np.float64)
@@ -33,32 +39,38 @@ def quantize_matrix(
     # Upper Cholesky factor of H^-1: row k holds the error propagation onto rows after k.
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
 
-    qmax, qmin = (127, -127) if spec.bits == 8 else (7, -8)
+    qmax, qmin = (127, -127) if spec.bits == 8 else (15, 0) if spec.asym else (7, -8)
     group = spec.group
     per_channel = spec.bits == 8 and group == k_dim
     if per_channel:
         scales = (np.abs(w).max(axis=0, keepdims=True) / 127.0).astype(np.float32)
     else:
-        scales = np.zeros((k_dim // group, n), np.float32)
+        scales = np.zeros((k_dim // group, n), np.float16 if spec.asym else np.float32)
+    mins = np.zeros((k_dim // group, n), np.float16) if spec.asym else None
     block = block if per_channel else max(block // group, 1) * group
     q = np.zeros((k_dim, n), np.int8)
     for b0 in range(0, k_dim, block):
         b1 = min(b0 + block, k_dim)
         errors = np.zeros((b1 - b0, n), np.float32)
         for k in range(b0, b1):
-            if not per_channel and k % group == 0:  # The group's scale, from updated rows.
+            if not per_channel and k % group == 0:  # The group's grid, from updated rows.
                 rows = w[k : k + group]
-                scales[k // group] = (
-                    int4_scales(rows, group)[0] if spec.bits == 4 else np.abs(rows).max(0) / 127
-                )
-            scale = scales[k // group]
+                if spec.asym:
+                    scale_1n, min_1n = int4_asym_grid(rows, group)
+                    scales[k // group], mins[k // group] = scale_1n[0], min_1n[0]
+                elif spec.bits == 4:
+                    scales[k // group] = int4_scales(rows, group)[0]
+                else:
+                    scales[k // group] = np.abs(rows).max(0) / 127
+            scale = scales[k // group].astype(np.float32)
+            low = mins[k // group].astype(np.float32) if spec.asym else 0.0
             safe = np.where(scale != 0, scale, 1.0)
-            q[k] = np.clip(np.rint(w[k] / safe), qmin, qmax)
-            err = (w[k] - q[k] * scale) / hinv[k, k]
+            q[k] = np.clip(np.rint((w[k] - low) / safe), qmin, qmax)
+            err = (w[k] - (q[k] * scale + low)) / hinv[k, k]
             w[k + 1 : b1] -= np.outer(hinv[k, k + 1 : b1], err)
             errors[k - b0] = err
         w[b1:] -= hinv[b0:b1, b1:].T @ errors
-    return pack(q, spec.bits), scales
+    return pack(q, spec.bits, signed=not spec.asym), scales, mins
 
 
 @contextlib.contextmanager
@@ -119,7 +131,7 @@ def collect_hessians(graphdef, params, batches, log=print, diagonal: bool = Fals
 
 
 def gptq_overrides(model_config, params, hessians: dict, mode: str, group: int, log=print):
-    """{path: (q, scale)} for every Dense kernel with a Hessian, for quantize_params."""
+    """{path: (q, scale, min)} for every Dense kernel with a Hessian, for quantize_params."""
     pure = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
     overrides = {}
     for path, h in hessians.items():

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build", "libcirrus_qmatmul.so")
 TARGET = "cirrus_qmatmul"
+TARGET_ASYM = "cirrus_qmatmul_asym"  # int4_asym: float16 scale and min per group.
 
 
 @functools.cache
@@ -28,6 +29,9 @@ def _library():
         return None
     library = ctypes.cdll.LoadLibrary(LIBRARY)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.CirrusQMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(
+        TARGET_ASYM, jax.ffi.pycapsule(library.CirrusQMatmulAsym), platform="cpu"
+    )
     return library
 
 
@@ -43,12 +47,19 @@ def isa() -> str:
     return "avx512" if library.cirrus_qmatmul_isa() == 512 else "portable"
 
 
-def qmatmul(x_mk, q, scale, *, bits: int, group: int):
-    """x [M, K] f32 -> [M, N] f32 against the quantized [K, N] matrix (quantize.py's form)."""
+def qmatmul(x_mk, q, scale, minimum=None, *, bits: int, group: int):
+    """x [M, K] f32 -> [M, N] f32 against the quantized [K, N] matrix (quantize.py's form):
+    q [K / L, N, 4], scale [K / group, N] (float32), or for int4_asym (minimum given) scale
+    and minimum [K / group, N] float16."""
     if _library() is None:
         raise RuntimeError(f"{LIBRARY} is missing; build it with `make kernels`.")
     m, n = x_mk.shape[0], scale.shape[-1]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
-    return call(
-        x_mk.astype(jnp.float32), q, scale.astype(jnp.float32), bits=int(bits), group=int(group)
-    )
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    x_mk = x_mk.astype(jnp.float32)
+    if minimum is None:
+        call = jax.ffi.ffi_call(TARGET, out)
+        return call(x_mk, q, scale.astype(jnp.float32), bits=int(bits), group=int(group))
+    if bits != 4:
+        raise ValueError(f"a min per group is an int4 form; got bits={bits}.")
+    call = jax.ffi.ffi_call(TARGET_ASYM, out)
+    return call(x_mk, q, scale.astype(jnp.float16), minimum.astype(jnp.float16), group=int(group))

@@ -1,23 +1,29 @@
 """Weight quantization: the quantized form Dense and Embedding read, and how a model gets it.
 
 A quantized [K, N] matrix (inputs K, output channels N) stands for
-  w[k, n] = q[k, n] * scale[k // group, n]
-- int8: q in [-127, 127], one scale per output channel (group = K, scale [1, N]; quant_group
-  0) or per `group` consecutive k of each column (as llama.cpp's Q8_0 blocks of 32);
-- int4: q in [-8, 7], one scale per `group` (32 / 64 / 128) consecutive k of each column, as
-  llama.cpp's Q4_0 blocks (the largest-magnitude value of a group maps to -8, so all 16
-  levels are used).
+  w[k, n] = q[k, n] * scale[k // group, n]                      (symmetric: int8, int4)
+  w[k, n] = q[k, n] * scale[k // group, n] + min[k // group, n]  (asymmetric: int4_asym)
+- int8: q in [-127, 127], one float32 scale per output channel (group = K, scale [1, N];
+  quant_group 0) or per `group` consecutive k of each column (as llama.cpp's Q8_0 blocks);
+- int4: q in [-8, 7], one float32 scale per `group` (32 / 64 / 128) consecutive k of each
+  column, as llama.cpp's Q4_0 blocks (the largest-magnitude value of a group maps to -8, so
+  all 16 levels are used);
+- int4_asym: q in [0, 15], a float16 scale and a float16 min per group, as llama.cpp's Q4_1
+  blocks (min = the group's minimum, scale = (max - min) / 15): a grid that fits a group's
+  range even when it is not centred on zero, for the same 5 bits per weight at group 32
+  (4 + 2 x 16 / 32) as int4 with a float32 scale.
 q is stored k-interleaved: each 32-bit word holds L consecutive k of one column (L = 4 int8
-values, or 8 int4 nibbles, value + 8, nibble j at bits 4j), words ordered [K / L, N]; the
-array is [K / L, N, 4] bytes. A block of L rows is then one contiguous run of memory, which
-the kernel streams at full bandwidth (a row-major [K, N] int8 matrix read in column strips ran
-at 9 GB/s from DRAM, this at 40+). Dense keeps its output axes' logical names (a quantized
-model shards over outputs as the float one does); its input axes become one K. A tied
-embedding is stored as its [D, V] transpose: the LM head is then the same matmul, and a token
-lookup gathers one column.
+values, or 8 int4 nibbles, nibble j at bits 4j: value + 8 for int4, q itself for
+int4_asym), words ordered [K / L, N]; the array is [K / L, N, 4] bytes. A block of L rows is
+then one contiguous run of memory, which the kernel streams at full bandwidth (a row-major
+[K, N] int8 matrix read in column strips ran at 9 GB/s from DRAM, this at 40+). Dense keeps
+its output axes' logical names (a quantized model shards over outputs as the float one
+does); its input axes become one K. A tied embedding is stored as its [D, V] transpose: the
+LM head is then the same matmul, and a token lookup gathers one column.
 
 `qdot` is the one matmul over that form: on CPU, small row counts (decode) go through the
-C++ kernel (research/compression/kernel.py), which dequantizes in registers; elsewhere, and
+C++ kernel (research/compression/kernel.py), which dequantizes in registers (int4_asym: the
+min term is min[g, n] times the sum of x over group g, summed once per row); elsewhere, and
 for prefill, the weight is dequantized and XLA's dot runs (a weight-sized temporary, paid once
 per many rows).
 """
@@ -31,7 +37,8 @@ import numpy as np
 
 from research.errors import UserError
 
-MODES = ("none", "int8", "int4")
+MODES = ("none", "int8", "int4", "int4_asym")
+INT4_MODES = ("int4", "int4_asym")
 INT4_GROUPS = (32, 64, 128)
 # Rows of x up to which the CPU kernel beats dequantize-then-dot: it widens weights to f32 and
 # runs f32 FMAs, so past a few rows it is compute-bound (bench/qmatmul.py, M = 16).
@@ -40,10 +47,12 @@ KERNEL_MAX_ROWS = 8
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-    """How a [K, N] matrix is stored: bits 8 (per channel) or 4 (per group of k)."""
+    """How a [K, N] matrix is stored: bits 8 (per channel) or 4 (per group of k), and whether
+    each group also has a min (asym: int4_asym)."""
 
     bits: int
     group: int  # Consecutive k sharing one scale; K for int8.
+    asym: bool = False  # q in [0, 15] with float16 scale and min, else symmetric.
 
     @classmethod
     def of(cls, mode: str, group: int, k: int) -> "QuantSpec":
@@ -64,7 +73,7 @@ class QuantSpec:
                 f"{k} of every quantized matrix; of {INT4_GROUPS}, SmolLM2 (d_model 576) takes "
                 "32 or 64."
             )
-        return cls(4, group)
+        return cls(4, group, asym=mode == "int4_asym")
 
     @property
     def per_word(self) -> int:
@@ -75,40 +84,48 @@ class QuantSpec:
     def dtype(self):
         return jnp.int8 if self.bits == 8 else jnp.uint8
 
+    @property
+    def scale_dtype(self):
+        """float16 for int4_asym (scale and min: Q4_1's 5 bits per weight), else float32."""
+        return jnp.float16 if self.asym else jnp.float32
+
 
 def check_mode(mode: str, group: int) -> None:
     if mode not in MODES:
         raise UserError(f"model.quant={mode!r} is not one of {MODES}.")
     if group < 0:
         raise UserError(f"model.quant_group={group} must be >= 0 (0: per output channel).")
-    if mode == "int4" and (group <= 0 or group % 8):
+    if mode in INT4_MODES and (group <= 0 or group % 8):
         raise UserError(f"model.quant_group={group} must be a positive multiple of 8 (32, 64).")
 
 
 # --- Storage (NumPy or jnp) ------------------------------------------------------------------
 
 
-def pack(q_kn, bits: int):
-    """int values [K, N] -> the stored [K / L, N, 4] bytes (int8 for 8 bits, uint8 for 4)."""
+def pack(q_kn, bits: int, *, signed: bool = True):
+    """int values [K, N] -> the stored [K / L, N, 4] bytes (int8 for 8 bits, uint8 for 4).
+
+    4 bits: a nibble holds value + 8 (signed, q in [-8, 7]) or the value (q in [0, 15])."""
     q = np.asarray(q_kn)
     k, n = q.shape
     per_word = 32 // bits
     words = q.reshape(k // per_word, per_word, n).transpose(0, 2, 1)  # [K / L, N, L]
     if bits == 8:
         return np.ascontiguousarray(words.astype(np.int8))
-    u = (words.astype(np.int16) + 8).astype(np.uint8)
+    u = (words.astype(np.int16) + (8 if signed else 0)).astype(np.uint8)
     return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
 
 
-def unpack(stored, bits: int):
+def unpack(stored, bits: int, *, signed: bool = True):
     """The stored [K / L, N, 4] bytes -> int8 values [K, N] (NumPy or jnp, as given)."""
     xp = jnp if isinstance(stored, jax.Array) else np
     kw, n, _ = stored.shape
     if bits == 8:
         words = stored
     else:
-        low = (stored & 0xF).astype(xp.int8) - 8
-        high = (stored >> 4).astype(xp.int8) - 8
+        offset = 8 if signed else 0
+        low = (stored & 0xF).astype(xp.int8) - offset
+        high = (stored >> 4).astype(xp.int8) - offset
         words = xp.stack([low, high], axis=-1).reshape(kw, n, 8)
     return words.transpose(0, 2, 1).reshape(kw * words.shape[-1], n).astype(xp.int8)
 
@@ -147,34 +164,72 @@ def quantize_int4(
     return pack(q, 4), scale
 
 
-def quantize(w_kn: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+def int4_asym_grid(w_kn: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_1's grid per group: (scale = (max - min) / 15, min), float16 [K / group, N] each.
+
+    float16 keeps int4_asym at Q4_1's size; a weight past its range (65504) is a UserError."""
+    k, n = w_kn.shape
+    w = np.asarray(w_kn, np.float32).reshape(k // group, group, n)
+    low, high = w.min(axis=1), w.max(axis=1)
+    with np.errstate(over="ignore"):
+        scale, minimum = ((high - low) / 15).astype(np.float16), low.astype(np.float16)
+    if not (np.isfinite(scale).all() and np.isfinite(minimum).all()):
+        raise UserError(
+            f"int4_asym stores scale and min as float16, and a group spans "
+            f"[{low.min():.3g}, {high.max():.3g}], past its range; use quant 'int4'."
+        )
+    return scale, minimum
+
+
+def quantize_int4_asym(
+    w_kn: np.ndarray, group: int, grid: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest on Q4_1's grid (int4_asym_grid unless given): (stored [K / 8, N, 4]
+    uint8, scale float16 [K / g, N], min float16 [K / g, N]). q is rounded against the float16
+    scale and min, the values the matrix will hold."""
+    scale, minimum = int4_asym_grid(w_kn, group) if grid is None else grid
+    full_scale = np.repeat(scale.astype(np.float32), group, axis=0)
+    full_min = np.repeat(minimum.astype(np.float32), group, axis=0)
+    safe = np.where(full_scale != 0, full_scale, 1.0)
+    q = np.clip(np.rint((np.asarray(w_kn, np.float32) - full_min) / safe), 0, 15)
+    return pack(q, 4, signed=False), scale, minimum
+
+
+def quantize(w_kn: np.ndarray, spec: QuantSpec):
+    """Round-to-nearest in `spec`'s form: (stored q, scale, min), min None if symmetric."""
     if spec.bits == 8:
-        return quantize_int8(w_kn, spec.group)
-    return quantize_int4(w_kn, spec.group)
+        return (*quantize_int8(w_kn, spec.group), None)
+    if spec.asym:
+        return quantize_int4_asym(w_kn, spec.group)
+    return (*quantize_int4(w_kn, spec.group), None)
 
 
-def dequantize(q, scale, spec: QuantSpec):
-    """The float32 [K, N] matrix a stored (q, scale) stands for (NumPy or jnp)."""
+def dequantize(q, scale, spec: QuantSpec, minimum=None):
+    """The float32 [K, N] matrix a stored (q, scale[, min]) stands for (NumPy or jnp)."""
     xp = jnp if isinstance(q, jax.Array) else np
-    values = unpack(q, spec.bits)
+    values = unpack(q, spec.bits, signed=not spec.asym)
     k = values.shape[0]
     grouped = values.reshape(k // spec.group, spec.group, -1).astype(xp.float32)
-    return (grouped * scale[:, None, :].astype(xp.float32)).reshape(k, -1)
+    w = grouped * scale[:, None, :].astype(xp.float32)
+    if minimum is not None:
+        w = w + minimum[:, None, :].astype(xp.float32)
+    return w.reshape(k, -1)
 
 
 # --- The matmul ------------------------------------------------------------------------------
 
 
-def _dequantized_dot(x_mk, q, scale, spec: QuantSpec):
-    w_kn = dequantize(q, scale, spec).astype(x_mk.dtype)
+def _dequantized_dot(x_mk, q, scale, minimum, spec: QuantSpec):
+    w_kn = dequantize(q, scale, spec, minimum).astype(x_mk.dtype)
     return jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32)
 
 
-def qdot(x_mk, q, scale, spec: QuantSpec):
-    """x [M, K] -> [M, N] float32, against the stored matrix (q [K / L, *out, 4] and scale
-    [G, *out] are viewed as [K / L, N, 4] and [G, N])."""
+def qdot(x_mk, q, scale, spec: QuantSpec, minimum=None):
+    """x [M, K] -> [M, N] float32, against the stored matrix (q [K / L, *out, 4], scale and
+    min [G, *out] are viewed as [K / L, N, 4] and [G, N]; min only for int4_asym)."""
     n = math.prod(scale.shape[1:])
     q2, s2 = q.reshape(-1, n, 4), scale.reshape(-1, n)
+    m2 = None if minimum is None else minimum.reshape(-1, n)
     from research.compression import kernel  # Loads the C++ library on first use.
 
     if x_mk.shape[0] <= KERNEL_MAX_ROWS and kernel.available():
@@ -182,10 +237,11 @@ def qdot(x_mk, q, scale, spec: QuantSpec):
             x_mk.astype(jnp.float32),
             q2,
             s2,
-            cpu=lambda a, b, c: kernel.qmatmul(a, b, c, bits=spec.bits, group=spec.group),
-            default=lambda a, b, c: _dequantized_dot(a, b, c, spec),
+            m2,
+            cpu=lambda a, b, c, d: kernel.qmatmul(a, b, c, d, bits=spec.bits, group=spec.group),
+            default=lambda a, b, c, d: _dequantized_dot(a, b, c, d, spec),
         )
-    return _dequantized_dot(x_mk, q2, s2, spec)
+    return _dequantized_dot(x_mk, q2, s2, m2, spec)
 
 
 # --- Quantizing a model ----------------------------------------------------------------------
@@ -196,8 +252,9 @@ def quantize_params(model_config, params, mode: str, group: int = 32, overrides=
 
     Every Dense kernel and the embedding table are quantized; norms, biases and learned
     positions stay float32. `overrides` (optional) maps a matrix's path (a tuple of keys, e.g.
-    ("layers", 0, "mlp", "up_proj", "kernel")) to its (q, scale) in the [K, N] form, made by
-    an error-compensating method (GPTQ) instead of round-to-nearest.
+    ("layers", 0, "mlp", "up_proj", "kernel")) to its (q, scale, min) in the [K, N] form (min
+    None unless int4_asym), made by an error-compensating method (GPTQ) instead of
+    round-to-nearest.
     params: an nnx.State or its pure dict; the result is a pure dict of NumPy arrays.
     """
     from flax import nnx
@@ -206,7 +263,7 @@ def quantize_params(model_config, params, mode: str, group: int = 32, overrides=
 
     check_mode(mode, group)
     if mode == "none":
-        raise UserError("compress.quant must be 'int8' or 'int4' to quantize.")
+        raise UserError(f"compress.quant must be one of {MODES[1:]} to quantize.")
     if model_config.quant != "none":
         raise UserError(
             f"the model is already quantized ({model_config.quant}); quantize the float model."
@@ -227,14 +284,18 @@ def quantize_params(model_config, params, mode: str, group: int = 32, overrides=
                 n = math.prod(shape[1:])
                 w_kn = np.asarray(value).reshape(-1, n)
                 spec = QuantSpec.of(mode, group, w_kn.shape[0])
-                q, scale = overrides.get(here) or quantize(w_kn, spec)
+                q, scale, minimum = overrides.get(here) or quantize(w_kn, spec)
                 dst["kernel_q"] = q.reshape(dst["kernel_q"].shape)
                 dst["scale"] = scale.reshape(shape)
+                if minimum is not None:
+                    dst["min"] = minimum.reshape(shape)
             elif key == "embedding" and "embedding_q" in dst:  # [V, D] -> [D, V].
                 w_kn = np.asarray(value).T
                 spec = QuantSpec.of(mode, group, w_kn.shape[0])
-                q, scale = overrides.get(here) or quantize(w_kn, spec)
+                q, scale, minimum = overrides.get(here) or quantize(w_kn, spec)
                 dst["embedding_q"], dst["scale"] = q, scale
+                if minimum is not None:
+                    dst["min"] = minimum
             else:
                 dst[key] = np.asarray(value)
 
@@ -257,12 +318,14 @@ def dequantize_params(model_config, params):
     source = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
 
     bits = 8 if model_config.quant == "int8" else 4
+    asym = model_config.quant == "int4_asym"
 
-    def matrix(q, scale):  # Stored (q, scale) -> float [K, N].
+    def matrix(q, scale, minimum):  # Stored (q, scale, min or None) -> float [K, N].
         k = q.shape[0] * 32 // bits
         n = math.prod(scale.shape[1:])
-        spec = QuantSpec(bits, k // scale.shape[0])
-        return dequantize(q.reshape(q.shape[0], n, 4), scale.reshape(-1, n), spec)
+        spec = QuantSpec(bits, k // scale.shape[0], asym=asym)
+        minimum = None if minimum is None else np.asarray(minimum).reshape(-1, n)
+        return dequantize(q.reshape(q.shape[0], n, 4), scale.reshape(-1, n), spec, minimum)
 
     def walk(node, path):
         out = {}
@@ -271,14 +334,14 @@ def dequantize_params(model_config, params):
                 out[key] = np.asarray(value)
             elif "kernel_q" in value:  # A Dense: back to [*in, *out].
                 q, scale = np.asarray(value["kernel_q"]), np.asarray(value["scale"])
+                w_kn = matrix(q, scale, value.get("min"))
                 in_shape = in_shapes[(*path, key, "kernel")]
-                rest = {
-                    k: np.asarray(v) for k, v in value.items() if k not in ("kernel_q", "scale")
-                }
-                out[key] = {**rest, "kernel": matrix(q, scale).reshape(*in_shape, *scale.shape[1:])}
+                stored = ("kernel_q", "scale", "min")
+                rest = {k: np.asarray(v) for k, v in value.items() if k not in stored}
+                out[key] = {**rest, "kernel": w_kn.reshape(*in_shape, *scale.shape[1:])}
             elif "embedding_q" in value:  # [D, V] -> [V, D].
                 q, scale = np.asarray(value["embedding_q"]), np.asarray(value["scale"])
-                out[key] = {"embedding": matrix(q, scale).T}
+                out[key] = {"embedding": matrix(q, scale, value.get("min")).T}
             else:
                 out[key] = walk(value, (*path, key))
         return out

@@ -49,7 +49,8 @@ class ModelConfig:
     dtype: str = "float32"  # Compute dtype; parameters are always float32.
     remat: str = "none"
     # Weight quantization (research/compression/quantize.py): "none", "int8" (per output
-    # channel) or "int4" (groups of quant_group inputs). Inference only: launch.compress makes it.
+    # channel or groups), "int4" (symmetric, groups of quant_group inputs) or "int4_asym"
+    # (scale + min per group, as Q4_1). Inference only: launch.compress makes it.
     quant: str = "none"
     quant_group: int = 32
 

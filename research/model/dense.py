@@ -26,8 +26,9 @@ class Dense(nnx.Module):
       dtype: compute dtype; the kernel and bias are cast to it at use.
       out_dtype: dtype of the result (the matmul accumulates into it); default `dtype`.
         The LM head uses float32 so that bfloat16 compute still gives float32 logits.
-      quant: "none" (a float32 `kernel`), or "int8" / "int4": `kernel_q` and `scale` in the
-        form research/compression/quantize.py defines (inference only).
+      quant: "none" (a float32 `kernel`), or "int8" / "int4" / "int4_asym": `kernel_q` and
+        `scale` (and, for int4_asym, `min`) in the form research/compression/quantize.py
+        defines (inference only).
       quant_group: k per int4 scale.
     """
 
@@ -65,11 +66,17 @@ class Dense(nnx.Module):
                 rngs=rngs,
                 dtype=spec.dtype,
             )
+            groups = (math.prod(in_features) // spec.group, *out_features)
             self.scale = param(
-                nnx.initializers.ones,
-                (math.prod(in_features) // spec.group, *out_features),
-                (None, *out_axes),
-                rngs=rngs,
+                nnx.initializers.ones, groups, (None, *out_axes), rngs=rngs, dtype=spec.scale_dtype
+            )
+            # int4_asym: Q4_1's min per group, float16 as the scale.
+            self.min = (
+                param(
+                    nnx.initializers.zeros, groups, (None, *out_axes), rngs=rngs, dtype=jnp.float16
+                )
+                if spec.asym
+                else None
             )
         self.bias = (
             param(nnx.initializers.zeros, out_features, out_axes, rngs=rngs) if use_bias else None
@@ -80,7 +87,8 @@ class Dense(nnx.Module):
         if self.quant is not None:
             lead = x.shape[: x.ndim - self.num_in]
             x_mk = x.reshape(math.prod(lead), -1)
-            y_mn = qdot(x_mk, self.kernel_q[...], self.scale[...], self.quant)
+            minimum = None if self.min is None else self.min[...]
+            y_mn = qdot(x_mk, self.kernel_q[...], self.scale[...], self.quant, minimum)
             y = y_mn.reshape(*lead, *self.scale.shape[1:]).astype(self.out_dtype)
             if self.bias is not None:
                 y = y + self.bias[...].astype(self.out_dtype)

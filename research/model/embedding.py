@@ -16,9 +16,10 @@ class Embedding(nnx.Module):
       dim: D.
       init: initializer of the table.
       dtype: compute dtype of the looked-up vectors and of the `attend` matmul.
-      quant, quant_group: "int8" / "int4" store the table quantized and transposed, [D, V]
-        (`embedding_q` [D / L, V, 4], `scale`; research/compression/quantize.py): `attend` is the
-        quantized matmul and a lookup reads one column per token.
+      quant, quant_group: "int8" / "int4" / "int4_asym" store the table quantized and
+        transposed, [D, V] (`embedding_q` [D / L, V, 4], `scale`, int4_asym's `min`;
+        research/compression/quantize.py): `attend` is the quantized matmul and a lookup reads
+        one column per token.
     """
 
     def __init__(
@@ -45,8 +46,15 @@ class Embedding(nnx.Module):
             rngs=rngs,
             dtype=self.quant.dtype,
         )
+        groups = (dim // self.quant.group, vocab_size)
         self.scale = param(
-            nnx.initializers.ones, (dim // self.quant.group, vocab_size), (None, "vocab"), rngs=rngs
+            nnx.initializers.ones, groups, (None, "vocab"), rngs=rngs, dtype=self.quant.scale_dtype
+        )
+        # int4_asym: Q4_1's min per group, float16 as the scale.
+        self.min = (
+            param(nnx.initializers.zeros, groups, (None, "vocab"), rngs=rngs, dtype=jnp.float16)
+            if self.quant.asym
+            else None
         )
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
@@ -55,7 +63,10 @@ class Embedding(nnx.Module):
             flat = tokens_bt.reshape(-1)
             q_km = jnp.take(self.embedding_q[...], flat, axis=1, mode="clip")
             scale_gm = jnp.take(self.scale[...], flat, axis=1, mode="clip")
-            x_md = dequantize(q_km, scale_gm, self.quant).T
+            min_gm = (
+                None if self.min is None else jnp.take(self.min[...], flat, axis=1, mode="clip")
+            )
+            x_md = dequantize(q_km, scale_gm, self.quant, min_gm).T
             return x_md.reshape(*tokens_bt.shape, -1).astype(self.dtype)
         # Gather, then cast: casting the whole [V, D] table first would touch all of it.
         return jnp.take(self.embedding[...], tokens_bt, axis=0, mode="clip").astype(self.dtype)
@@ -64,8 +75,9 @@ class Embedding(nnx.Module):
         """Logits against the table (tied LM head): x [B, T, D] compute dtype -> [B, T, V] f32."""
         if self.quant is not None:
             b, t, d = x_btd.shape
+            minimum = None if self.min is None else self.min[...]
             logits = qdot(
-                x_btd.reshape(b * t, d), self.embedding_q[...], self.scale[...], self.quant
+                x_btd.reshape(b * t, d), self.embedding_q[...], self.scale[...], self.quant, minimum
             )
             return logits.reshape(b, t, -1)
         table_vd = self.embedding[...].astype(self.dtype)

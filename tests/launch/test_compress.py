@@ -181,6 +181,29 @@ def test_width_pruning_gives_a_smaller_model_that_loads_and_samples(source, tmp_
     assert tokens == expected[: len(tokens)] and len(tokens) >= 5
 
 
+@pytest.mark.slow
+def test_int4_asym_gptq_run_against_the_q4_1_baseline(source, tmp_path):
+    source_dir, _ = source
+    bindings = [
+        "compress.quant = 'int4_asym'",
+        "compress.method = 'gptq'",
+        "compress.baselines = ['q4_0', 'q4_1']",
+    ]
+    result = _compress(source_dir, tmp_path / "asym", bindings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "asym" / "compress_report.json").read_text())["models"]
+    assert list(rows) == [
+        "original (fp32)", "int4_asym g32 gptq", "llama.cpp Q4_0", "llama.cpp Q4_1"
+    ]  # fmt: skip
+    asym, q4_1 = rows["int4_asym g32 gptq"], rows["llama.cpp Q4_1"]
+    # The same 5 bits per matrix weight (4 + fp16 scale and min per 32); norms stay float32.
+    assert asym["bits_per_weight"] == pytest.approx(q4_1["bits_per_weight"], rel=1e-3)
+    assert 0 < asym["kl"] < 0.5 and asym["speedup"] > 0
+    restored = load(str(tmp_path / "asym"), log=lambda _: None)
+    assert restored.model_config.quant == "int4_asym"
+    assert restored.params["embedding"]["min"].dtype == np.float16
+
+
 @pytest.mark.parametrize(
     ("bindings", "fragment"),
     [
@@ -188,6 +211,8 @@ def test_width_pruning_gives_a_smaller_model_that_loads_and_samples(source, tmp_
         (["compress.quant = 'int3'"], "compress.quant='int3'"),
         (["compress.stages = ['prune']"], "compress.prune_layers=0"),
         (["compress.quant = 'int4'", "compress.quant_group = 48"], "compress.quant_group=48"),
+        (["compress.quant = 'int4_asym'", "compress.quant_group = 48"], "compress.quant_group=48"),
+        (["compress.baselines = ['q5_0']"], "compress.baselines has 'q5_0'"),
         (["compress.stages = ['quantize', 'distill']"], "distill before quantize"),
         (["compress.distill_alpha = 1.5"], "compress.distill_alpha=1.5"),
         (["compress.prune_method = 'heads'"], "compress.prune_method='heads'"),
