@@ -47,6 +47,7 @@ def quantize_matrix(
     else:
         scales = np.zeros((k_dim // group, n), np.float16 if spec.asym else np.float32)
     mins = np.zeros((k_dim // group, n), np.float16) if spec.asym else None
+    exact = None  # int4_asym: the group's float32 (scale, min) that q rounds against.
     block = block if per_channel else max(block // group, 1) * group
     q = np.zeros((k_dim, n), np.int8)
     for b0 in range(0, k_dim, block):
@@ -56,16 +57,20 @@ def quantize_matrix(
             if not per_channel and k % group == 0:  # The group's grid, from updated rows.
                 rows = w[k : k + group]
                 if spec.asym:
-                    scale_1n, min_1n = int4_asym_grid(rows, group)
-                    scales[k // group], mins[k // group] = scale_1n[0], min_1n[0]
+                    exact = [x[0] for x in int4_asym_grid(rows, group, exact=True)]
+                    scales[k // group], mins[k // group] = exact[0], exact[1]  # float16
                 elif spec.bits == 4:
                     scales[k // group] = int4_scales(rows, group)[0]
                 else:
                     scales[k // group] = np.abs(rows).max(0) / 127
             scale = scales[k // group].astype(np.float32)
             low = mins[k // group].astype(np.float32) if spec.asym else 0.0
-            safe = np.where(scale != 0, scale, 1.0)
-            q[k] = np.clip(np.rint((w[k] - low) / safe), qmin, qmax)
+            if spec.asym:  # As llama.cpp's Q4_1 (quantize_int4_asym): q from float32 values.
+                inverse = np.where(exact[0] != 0, 1 / np.where(exact[0] != 0, exact[0], 1), 0)
+                q[k] = np.clip(np.floor((w[k] - exact[1]) * inverse + 0.5), qmin, qmax)
+            else:
+                safe = np.where(scale != 0, scale, 1.0)
+                q[k] = np.clip(np.rint(w[k] / safe), qmin, qmax)
             err = (w[k] - (q[k] * scale + low)) / hinv[k, k]
             w[k + 1 : b1] -= np.outer(hinv[k, k + 1 : b1], err)
             errors[k - b0] = err

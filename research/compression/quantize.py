@@ -164,8 +164,9 @@ def quantize_int4(
     return pack(q, 4), scale
 
 
-def int4_asym_grid(w_kn: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_1's grid per group: (scale = (max - min) / 15, min), float16 [K / group, N] each.
+def int4_asym_grid(w_kn: np.ndarray, group: int, exact: bool = False):
+    """Q4_1's grid per group: (scale = (max - min) / 15, min), [K / group, N] each, float16
+    (the stored values) or, with exact, the float32 values llama.cpp rounds against.
 
     float16 keeps int4_asym at Q4_1's size; a weight past its range (65504) is a UserError."""
     k, n = w_kn.shape
@@ -178,21 +179,29 @@ def int4_asym_grid(w_kn: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray
             f"int4_asym stores scale and min as float16, and a group spans "
             f"[{low.min():.3g}, {high.max():.3g}], past its range; use quant 'int4'."
         )
-    return scale, minimum
+    return ((high - low) / 15, low) if exact else (scale, minimum)
 
 
 def quantize_int4_asym(
     w_kn: np.ndarray, group: int, grid: tuple[np.ndarray, np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round-to-nearest on Q4_1's grid (int4_asym_grid unless given): (stored [K / 8, N, 4]
-    uint8, scale float16 [K / g, N], min float16 [K / g, N]). q is rounded against the float16
-    scale and min, the values the matrix will hold."""
-    scale, minimum = int4_asym_grid(w_kn, group) if grid is None else grid
-    full_scale = np.repeat(scale.astype(np.float32), group, axis=0)
-    full_min = np.repeat(minimum.astype(np.float32), group, axis=0)
-    safe = np.where(full_scale != 0, full_scale, 1.0)
-    q = np.clip(np.rint((np.asarray(w_kn, np.float32) - full_min) / safe), 0, 15)
-    return pack(q, 4, signed=False), scale, minimum
+    """Round-to-nearest on Q4_1's grid: (stored [K / 8, N, 4] uint8, scale float16 [K / g, N],
+    min float16 [K / g, N]).
+
+    Without `grid`, q is llama.cpp's: rounded against the float32 scale and min, which are
+    then stored as float16 (the gguf package's Q4_1, bit for bit). Rounding against the float16
+    values instead gives a lower weight MSE but a 15% higher KL on SmolLM2 (tied head,
+    bench/RESULTS.md), so Cirrus follows llama.cpp. With `grid` (GPTQ's, float16), q is
+    rounded against the values the matrix will hold."""
+    if grid is None:
+        scale, minimum = int4_asym_grid(w_kn, group, exact=True)
+    else:
+        scale, minimum = grid
+    full_scale = np.repeat(np.asarray(scale, np.float32), group, axis=0)
+    full_min = np.repeat(np.asarray(minimum, np.float32), group, axis=0)
+    inverse = np.where(full_scale != 0, 1 / np.where(full_scale != 0, full_scale, 1), 0)
+    q = np.clip(np.floor((np.asarray(w_kn, np.float32) - full_min) * inverse + 0.5), 0, 15)
+    return pack(q, 4, signed=False), scale.astype(np.float16), minimum.astype(np.float16)
 
 
 def quantize(w_kn: np.ndarray, spec: QuantSpec):

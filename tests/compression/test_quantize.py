@@ -73,14 +73,16 @@ def test_int4_asym_groups_follow_the_q4_1_rule(group):
     assert packed.dtype == np.uint8 and packed.shape == (8, 9, 4)
     assert scale.dtype == minimum.dtype == np.float16 and scale.shape == (64 // group, 9)
     values = qz.unpack(packed, 4, signed=False)
-    # By hand: per group, min and (max - min) / 15 as float16, q = round((w - min) / scale).
+    # By hand, as llama.cpp: per group d = (max - min) / 15 and min, stored as float16;
+    # q = floor((w - min) / d + 0.5) against the float32 d and min.
     for g in range(64 // group):
         block = w[g * group : (g + 1) * group]
         low, high = block.min(axis=0), block.max(axis=0)
         np.testing.assert_array_equal(scale[g], ((high - low) / 15).astype(np.float16))
         np.testing.assert_array_equal(minimum[g], low.astype(np.float16))
-        d, m = scale[g].astype(np.float32), minimum[g].astype(np.float32)
-        expected = np.clip(np.rint((block - m) / np.where(d > 0, d, 1)), 0, 15)
+        d = (high - low) / 15
+        inverse = np.divide(1, d, out=np.zeros_like(d), where=d > 0)
+        expected = np.clip(np.floor((block - low) * inverse + 0.5), 0, 15)
         np.testing.assert_array_equal(values[g * group : (g + 1) * group], expected)
     assert values.min() == 0 and values.max() == 15  # Each group's min and max: both ends used.
     back = qz.dequantize(packed, scale, spec, minimum)
@@ -89,6 +91,17 @@ def test_int4_asym_groups_follow_the_q4_1_rule(group):
     fp16 = 2.0**-11 * (np.abs(w) + 15 * step)
     assert np.all(np.abs(back - w) <= step / 2 + fp16 + 1e-7)
     np.testing.assert_array_equal(back[:, 2], 1.5)
+
+
+def test_int4_asym_g32_is_the_gguf_packages_q4_1_bit_for_bit():
+    from gguf import GGMLQuantizationType, quants
+
+    w = np.random.default_rng(6).normal(0.1, 0.7, size=(96, 40)).astype(np.float32)
+    spec = qz.QuantSpec(4, 32, asym=True)
+    back = qz.dequantize(*qz.quantize(w, spec)[:2], spec, qz.quantize(w, spec)[2])
+    q4_1 = GGMLQuantizationType.Q4_1
+    expected = quants.dequantize(quants.quantize(np.ascontiguousarray(w.T), q4_1), q4_1)
+    np.testing.assert_array_equal(np.asarray(back), expected.reshape(40, 96).T)
 
 
 def test_int4_asym_g32_reproduces_q4_1_weights_exactly():
