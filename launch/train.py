@@ -255,8 +255,19 @@ def _teacher(source: str, model_config, prepared):
 
 # --- --init_from: fine-tuning from pretrained weights -------------------------------------------
 
-# Set by the run's gin config even under --init_from: how to compute, not what the model is.
-_RUN_MODEL_FIELDS = ("dtype", "remat")
+# Set by the run's gin config even under --init_from: how to compute and what to train
+# (LoRA adapters), not what the pretrained model is.
+_RUN_MODEL_FIELDS = ("dtype", "remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def _bound(name: str, default):
+    """A gin binding's value, or default when the configs leave it unset."""
+    import gin
+
+    try:
+        return gin.query_parameter(name)
+    except ValueError:
+        return default
 
 
 def _init_from(source: str):
@@ -269,7 +280,13 @@ def _init_from(source: str):
     from research.checkpoint import load_pretrained
 
     pretrained = load_pretrained(source, log=_log)
-    if pretrained.model_config.quant != "none":  # A launch.compress output: train its floats.
+    lora_rank = _bound("model.lora_rank", 0)
+    if pretrained.model_config.quant != "none" and lora_rank:
+        _log(
+            f"--init_from: QLoRA: rank-{lora_rank} adapters train over its frozen "
+            f"{pretrained.model_config.quant} weights"
+        )
+    elif pretrained.model_config.quant != "none":  # A launch.compress output: train its floats.
         from research.compression.quantize import dequantize_params
 
         _log(f"--init_from: dequantizing its {pretrained.model_config.quant} weights to float32")

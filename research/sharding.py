@@ -117,9 +117,14 @@ def fit_spec(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
 
 
 def fit_shardings(shardings, abstract_tree):
-    """fit_spec for every NamedSharding in a tree against the matching abstract array."""
+    """fit_spec for every NamedSharding in a tree against the matching abstract array.
+
+    An empty node in abstract_tree where shardings has a leaf (optax's MaskedNode: no
+    optimizer state for a frozen parameter) stays that empty node."""
 
     def fit(named, leaf):
+        if not hasattr(leaf, "shape"):
+            return leaf
         return NamedSharding(named.mesh, fit_spec(named.spec, leaf.shape, named.mesh))
 
     return jax.tree.map(fit, shardings, abstract_tree)

@@ -47,7 +47,7 @@ def load(source: str, *, mesh=None, log=print) -> LoadedModel:
     path = epath.Path(source)
     is_hf = not storage.is_remote(source) and (path / "config.json").exists()
     if not source.endswith(".gguf") and not is_hf:  # A workdir (load_model names what is missing).
-        loaded = load_model(source, mesh=mesh, log=log)
+        loaded = merge_lora(load_model(source, mesh=mesh, log=log), mesh=mesh, log=log)
         tokenizer_dir = path / "tokenizer"
         if tokenizer_dir.exists():
             loaded.chat_template = read_chat_template(local_copy(tokenizer_dir))
@@ -78,6 +78,27 @@ def from_pretrained(pretrained, *, mesh=None) -> LoadedModel:
         data_dir=None,
         chat_template=template,
         source=pretrained.source,
+    )
+
+
+def merge_lora(loaded: LoadedModel, *, mesh=None, log=print) -> LoadedModel:
+    """`loaded` with its LoRA adapters folded into the kernels (research/model/lora.py), for
+    inference: the sampler then runs the plain model. Unchanged without adapters."""
+    if not loaded.model_config.lora_rank:
+        return loaded
+    from research.model import lora
+
+    config, params = lora.merge(loaded.model_config, loaded.params)
+    log(
+        f"merged rank-{loaded.model_config.lora_rank} LoRA adapters into the kernels"
+        + (" (the quantized base is now float32)" if loaded.model_config.quant != "none" else "")
+    )
+    if mesh is None:
+        mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    graphdef, abstract, shardings = param_shardings(config, mesh)
+    nnx.replace_by_pure_dict(abstract, params)
+    return dataclasses.replace(
+        loaded, model_config=config, graphdef=graphdef, params=jax.device_put(abstract, shardings)
     )
 
 

@@ -124,9 +124,9 @@ def _from_gguf(path: str, log) -> Pretrained:
 
 
 def _from_run(workdir: str, log) -> Pretrained:
-    from research.checkpoint.load import load_model
+    from research.checkpoint.load import load_model, merge_lora
 
-    loaded = load_model(workdir, log=log)
+    loaded = merge_lora(load_model(workdir, log=log), log=log)
     tokenizer_dir = epath.Path(workdir) / "tokenizer"
     local = storage.local_copy(tokenizer_dir) if loaded.tokenizer is not None else None
     meta_source = read_source(workdir, loaded.step)

@@ -53,6 +53,15 @@ class ModelConfig:
     # (scale + min per group, as Q4_1). Inference only: launch.compress makes it.
     quant: str = "none"
     quant_group: int = 32
+    # LoRA (research/model/lora.py): rank > 0 adds adapters A [in, r] (random) and B [r, out]
+    # (zero) beside every Dense whose name matches lora_targets, scaled by alpha / rank; the
+    # trainer then trains only those (the base frozen, float or quantized: QLoRA).
+    # lora_targets: module names ("q_proj" matches every layer's) or one regex full-matched
+    # against the dotted path ("layers.3.attention.q_proj"), as PEFT's target_modules.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple = ("q_proj", "v_proj")
 
     def __post_init__(self):
         for name, allowed in (
@@ -69,6 +78,15 @@ class ModelConfig:
         from research.compression.quantize import check_mode
 
         check_mode(self.quant, self.quant_group)
+        if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1 or not self.lora_alpha > 0:
+            raise UserError(
+                f"model.lora_rank={self.lora_rank} (>= 0), model.lora_dropout="
+                f"{self.lora_dropout} (in [0, 1)) and model.lora_alpha={self.lora_alpha} (> 0) "
+                "are out of range."
+            )
+        if isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", (self.lora_targets,))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}.")

@@ -81,6 +81,47 @@ class Dense(nnx.Module):
         self.bias = (
             param(nnx.initializers.zeros, out_features, out_axes, rngs=rngs) if use_bias else None
         )
+        self.in_features, self.out_features = tuple(in_features), tuple(out_features)
+        self.in_axes, self.out_axes = tuple(in_axes), tuple(out_axes)
+        self.lora_a = self.lora_b = nnx.data(None)
+        self.lora_scale, self.lora_dropout, self.lora_index = 0.0, 0.0, 0
+        self.lora_key = None  # Set per train step (research/model/lora.py) to drop out.
+
+    def add_lora(self, rank: int, alpha: float, dropout: float, index: int, *, rngs: nnx.Rngs):
+        """Adds a LoRA adapter: y += (alpha / rank) * dropout(x) A B, with A [*in, r] drawn as
+        PEFT's (Kaiming-uniform, bound 1 / sqrt(fan_in)) and B [r, *out] zero, so the model is
+        unchanged until B trains. Both are nnx.LoRAParam (float32), the trainer's only
+        trainable leaves. `index` makes each adapter's dropout mask its own."""
+        in_shape, out_shape = self.in_features, self.out_features
+        bound = 1 / math.sqrt(math.prod(in_shape))
+        uniform = nnx.initializers.uniform(2 * bound)  # [0, 2 bound), shifted below.
+
+        def init_a(key, shape, dtype):
+            return uniform(key, shape, dtype) - bound
+
+        lora = dict(rngs=rngs, kind=nnx.LoRAParam)
+        self.lora_a = param(init_a, (*in_shape, rank), (*self.in_axes, None), **lora)
+        self.lora_b = param(
+            nnx.initializers.zeros, (rank, *out_shape), (None, *self.out_axes), **lora
+        )
+        self.lora_scale, self.lora_dropout, self.lora_index = alpha / rank, dropout, index
+
+    def _lora(self, x: jax.Array) -> jax.Array:
+        """The adapter's term, [..., *out] in out_dtype."""
+        if self.lora_dropout and self.lora_key is not None:
+            key = jax.random.fold_in(self.lora_key, self.lora_index)
+            keep = jax.random.bernoulli(key, 1 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1 - self.lora_dropout), 0).astype(x.dtype)
+        contract = tuple(range(x.ndim - self.num_in, x.ndim))
+        h = jax.lax.dot_general(
+            x,
+            self.lora_a[...].astype(self.dtype),
+            ((contract, tuple(range(self.num_in))), ((), ())),
+        )
+        y = jax.lax.dot_general(
+            h, self.lora_b[...].astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ()))
+        )
+        return (self.lora_scale * y).astype(self.out_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., *in_features] compute dtype -> [..., *out_features] in out_dtype."""
@@ -92,7 +133,7 @@ class Dense(nnx.Module):
             y = y_mn.reshape(*lead, *self.scale.shape[1:]).astype(self.out_dtype)
             if self.bias is not None:
                 y = y + self.bias[...].astype(self.out_dtype)
-            return y
+            return y if self.lora_a is None else y + self._lora(x)
         kernel = self.kernel[...].astype(self.dtype)
         contract_x = tuple(range(x.ndim - self.num_in, x.ndim))
         contract_kernel = tuple(range(self.num_in))
@@ -104,4 +145,4 @@ class Dense(nnx.Module):
         )
         if self.bias is not None:
             y = y + self.bias[...].astype(self.out_dtype)
-        return y
+        return y if self.lora_a is None else y + self._lora(x)

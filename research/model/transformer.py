@@ -159,6 +159,10 @@ class Decoder(nnx.Module):
                 rngs=rngs,
             )
         )
+        if config.lora_rank:
+            from research.model import lora
+
+            lora.attach(self, config, rngs)
 
     def __call__(
         self,

@@ -32,7 +32,7 @@ from research.data import make_dataset
 from research.data.pipeline import FEATURES
 from research.data.prepare import load_prepared
 from research.errors import UserError
-from research.model import ModelConfig, flops_per_token
+from research.model import ModelConfig, flops_per_token, lora
 from research.train import flops
 from research.train.config import TrainConfig
 from research.train.metrics_writer import (
@@ -41,7 +41,7 @@ from research.train.metrics_writer import (
     plot_loss_curve,
     truncate_metrics,
 )
-from research.train.objective import Objective
+from research.train.objective import Objective, next_token
 from research.train.optimizer import learning_rate_schedule, make_optimizer
 from research.train.state import TrainState, init_train_state
 from research.train.step import eval_step, make_train_step
@@ -95,7 +95,10 @@ def build_trainer(
     """
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh_shape)
     check_batch_layout(config, mesh)
-    tx = make_optimizer(config)
+    objective = objective or next_token(config.z_loss)
+    if model_config.lora_rank and objective.trainable is None:
+        objective = dataclasses.replace(objective, trainable=lora.is_adapter)
+    tx = make_optimizer(config, objective.trainable)
     graphdef, state, shardings = init_train_state(mesh, model_config, tx, config.seed)
     step = make_train_step(config, graphdef=graphdef, tx=tx, objective=objective)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -324,6 +327,13 @@ def train(
         f"{jax.process_count()} process(es); {sum(x.size for x in jax.tree.leaves(state.params)):,}"
         f" parameters; peak {peak / 1e9:,.0f} GFLOP/s"
     )
+    if model_config.lora_rank:
+        trained, total = lora.trainable_count(state.params)
+        log(
+            f"LoRA rank {model_config.lora_rank} (alpha {model_config.lora_alpha:g}) on "
+            f"{list(model_config.lora_targets)}: {trained:,} of {total:,} parameters train "
+            f"({100 * trained / total:.2f}%), the rest frozen"
+        )
     dataset = make_dataset(
         data_dir,
         "train",
@@ -430,9 +440,39 @@ def _check_same_shape(checkpointer, meta: dict, model_config: ModelConfig) -> No
 
 
 def _with_params(trainer, state, params):
-    """The initial state with given parameters, placed on the state's shardings."""
+    """The initial state with given parameters, placed on the state's shardings. LoRA
+    adapters the given parameters lack (a base model) keep their fresh initial values."""
+    given = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
+    fresh = state.params.to_pure_dict()
+    if _has_missing_adapters(fresh, given):
+        given = _overlay(fresh, given)
+        params = jax.tree.map(lambda x: x, state.params)  # A copy of the State's structure.
+        params.replace_by_pure_dict(given)
     params = jax.device_put(params, trainer.shardings.params)
     return state.replace(params=params)
+
+
+def _has_missing_adapters(fresh: dict, given: dict) -> bool:
+    return any(
+        key not in given or (isinstance(value, dict) and _has_missing_adapters(value, given[key]))
+        for key, value in fresh.items()
+        if isinstance(given, dict)
+    )
+
+
+def _overlay(fresh: dict, given: dict) -> dict:
+    """fresh with given's values wherever given has them; only adapters may be missing."""
+    out = {}
+    for key, value in fresh.items():
+        if isinstance(value, dict):
+            out[key] = _overlay(value, given.get(key, {}))
+        elif key in given:
+            out[key] = given[key]
+        elif key in lora.ADAPTER_KEYS:
+            out[key] = value
+        else:
+            raise UserError(f"the initial parameters lack {key!r}: they do not fit the model.")
+    return out
 
 
 _STEP_METRICS = ("loss", "accuracy", "grad_norm", "tokens")

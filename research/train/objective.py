@@ -40,8 +40,15 @@ def cross_entropy(logits_btv, targets_bt, weights_bt, z_loss: float = 0.0):
 
 
 def forward(graphdef, params, batch):
-    """The model's logits [B, T, V] for a packed batch (positions and segment ids honoured)."""
+    """The model's logits [B, T, V] for a packed batch (positions and segment ids honoured).
+
+    A batch's "dropout_key" (added by the train step) drives LoRA dropout; without it (eval,
+    serving) nothing is dropped."""
     model = nnx.merge(graphdef, params)
+    if batch.get("dropout_key") is not None:
+        from research.model import lora
+
+        lora.set_dropout_key(model, batch["dropout_key"])
     return model(
         batch["inputs"], positions_bt=batch["positions"], segment_ids_bt=batch["segment_ids"]
     )
@@ -61,12 +68,16 @@ class Objective:
         (None: replicated over the mesh).
       project: project(tree, extras) -> tree, applied to the gradients and to the parameters
         after each update: a linear, idempotent map (a mask). None: no constraint.
+      trainable: trainable(path) -> bool for a parameter's path (plain keys, `param_path`):
+        only those get gradients and updates; the rest stay exactly as they are (LoRA trains
+        its adapters over a frozen, possibly quantized base). None: every parameter trains.
     """
 
     loss: Callable
     extras: Any = None
     extras_shardings: Callable | None = None
     project: Callable | None = None
+    trainable: Callable | None = None
 
 
 def next_token(z_loss: float = 0.0) -> Objective:

@@ -39,8 +39,11 @@ def weight_decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """The full update rule: clip by global norm, then AdamW with the schedule."""
+def make_optimizer(config: TrainConfig, trainable=None) -> optax.GradientTransformation:
+    """The full update rule: clip by global norm, then AdamW with the schedule.
+
+    trainable: trainable(path) -> bool (plain keys): the others get no update and no
+    optimizer state (LoRA's frozen base: AdamW's moments exist for the adapters only)."""
     chain = []
     if config.grad_clip_norm > 0:
         chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
@@ -54,4 +57,14 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
             mask=lambda params: weight_decay_mask(params, config.decay_embeddings),
         )
     )
-    return optax.chain(*chain)
+    tx = optax.chain(*chain)
+    if trainable is None:
+        return tx
+    from research.train.objective import param_path
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if trainable(param_path(path)) else "frozen", params
+        )
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
