@@ -248,6 +248,53 @@ def test_default_chat_template_is_chatml(engine, tokenizer):
     assert response.usage.prompt_tokens == 1 + len(tokenizer.encode(text))
 
 
+def test_tokenizer_endpoints_read_text_as_transformers_does(url, client, tokenizer, workdir):
+    """vLLM's /tokenize, /detokenize, /tokenizer_info (lm-evaluation-harness's remote
+    tokenizer): the ids transformers gives for the run's tokenizer directory, special-token
+    spellings included, while a completions text prompt reads those as plain text."""
+    import transformers  # Only this test needs it (a ~1.5 s import).
+
+    theirs = transformers.AutoTokenizer.from_pretrained(f"{workdir}/tokenizer")
+    info = httpx2.get(f"{url}/tokenizer_info").json()
+    assert (info["bos_token"], info["eos_token"]) == (theirs.bos_token, theirs.eos_token)
+    assert info["model_max_length"] == 128 and info["add_bos_token"] is True
+    assert info["chat_template"] == read_chat_template(f"{workdir}/tokenizer")
+
+    def tokenize(**body):
+        response = httpx2.post(f"{url}/tokenize", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    for text in ("ROMEO: But soft", f"the end{tokenizer.eos_token}", ""):
+        for add in (True, False):
+            got = tokenize(prompt=text, add_special_tokens=add)
+            assert got["tokens"] == theirs(text, add_special_tokens=add).input_ids, (text, add)
+            assert got["count"] == len(got["tokens"]) and got["max_model_len"] == 128
+    assert tokenize(prompt=tokenizer.eos_token, add_special_tokens=False)["tokens"] == [
+        tokenizer.eos_id
+    ]
+    assert tokenize(prompt="ROMEO")["tokens"] == tokenizer.encode_prompt("ROMEO")
+    spelled = greedy(client, tokenizer.eos_token, max_tokens=1).usage.prompt_tokens
+    assert spelled == len(tokenizer.encode_prompt(tokenizer.eos_token)) > 2  # Plain text.
+    strings = tokenize(prompt="ROMEO: hi", return_token_strs=True)
+    assert strings["token_strs"] == theirs.convert_ids_to_tokens(strings["tokens"])
+    assert tokenize(prompt="ROMEO: hi")["token_strs"] is None
+    ids = strings["tokens"] + [tokenizer.eos_id]
+    detokenized = httpx2.post(f"{url}/detokenize", json={"tokens": ids}).json()
+    assert detokenized == {"prompt": theirs.decode(ids)}
+
+    def error(path, body):
+        response = httpx2.post(f"{url}{path}", json=body)
+        return response.status_code, response.json()["error"]
+
+    status, body = error("/detokenize", {"tokens": [tokenizer.vocab_size]})
+    assert status == 400 and body["param"] == "tokens"
+    status, body = error("/tokenize", {"prompt": 7})
+    assert status == 400 and body["message"].startswith("'prompt' input should be a valid string")
+    status, body = error("/tokenize", {"prompt": "Hi", "model": "other"})
+    assert status == 404 and body["code"] == "model_not_found"
+
+
 def test_streaming_equals_non_streaming(client):
     for prompt in ("JULIET:", "O Romeo, Romeo"):
         whole = greedy(client, prompt, max_tokens=16)
@@ -487,6 +534,7 @@ def test_api_keys(engine):
             response.status_code == 401 and "Authorization" in response.json()["error"]["message"]
         )
         assert httpx2.get(f"{url}/metrics").status_code == 401
+        assert httpx2.post(f"{url}/tokenize", json={"prompt": "Hi"}).status_code == 401
         assert httpx2.get(f"{url}/health").status_code == 200  # Probes need no key.
         assert httpx2.get(f"{url}/ready").status_code == 200
         for key in ("alpha", "beta"):
@@ -596,7 +644,12 @@ def test_fuzzed_requests_never_get_5xx(url, engine):
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     posts = [op for op in operations if op.method.upper() == "POST"]
-    assert {op.path for op in posts} == {"/v1/completions", "/v1/chat/completions"}
+    assert {op.path for op in posts} == {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/tokenize",
+        "/detokenize",
+    }
     for operation in posts:
         cases = strategies.one_of(
             operation.as_strategy(schemathesis.GenerationMode.POSITIVE),

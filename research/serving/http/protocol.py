@@ -10,7 +10,8 @@ naming the field (`validation_error`).
 Requests are pydantic models with `extra="allow"`: fields of other servers (`best_of`,
 `guided_json`, ...) are accepted and ignored, except the vLLM extensions honoured here
 (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `return_tokens_as_token_ids`). `model`
-may be left out (the served model, as in vLLM).
+may be left out (the served model, as in vLLM). /tokenize and /detokenize take vLLM's
+fields (tokenize.py).
 """
 
 import time
@@ -131,6 +132,24 @@ class ChatRequest(_Sampling):
     response_format: dict | None = None
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's fields; `messages` is not supported)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: Text | None = None
+    prompt: Text
+    add_special_tokens: bool = Field(True, description="What the tokenizer adds (bos, ...).")
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize."""
+
+    model_config = ConfigDict(extra="allow")
+    model: Text | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=INT32)]]
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 _TYPES = {
@@ -187,8 +206,13 @@ def request_error_body(error: RequestError) -> dict:
     return error_body(400, message + ".", param=param, code=getattr(error, "code", None))
 
 
-def validation_error(errors: list[dict]) -> RequestError:
-    """The RequestError of pydantic / FastAPI validation errors: the first bad field."""
+def validation_error(errors: list[dict], *, union_fields: bool = True) -> RequestError:
+    """The RequestError of pydantic / FastAPI validation errors: the first bad field.
+
+    union_fields: say what the generation endpoints' union fields (prompt, stop, messages)
+    accept, in place of pydantic's one error per union arm.
+    """
+    expected = _EXPECTED if union_fields else {}
     if not errors:
         return RequestError("body", None, "is not a valid request")
     first = errors[0]
@@ -202,15 +226,15 @@ def validation_error(errors: list[dict]) -> RequestError:
             'an object such as {"model": ..., "prompt": "Hello"}',
         )
     field = location[0]
-    if field in _EXPECTED:
+    if field in expected:
         same = [e for e in errors if [str(p) for p in e.get("loc", ())][1:2] == [field]]
         if first.get("type") == "missing":
-            return RequestError(field, None, f"is required: {_EXPECTED[field]}")
+            return RequestError(field, None, f"is required: {expected[field]}")
         detail = [e for e in same if "UTF-8" in str(e.get("msg", ""))]
         if detail:  # A lone surrogate deep inside: say so, not "must be a string".
             path = _path([str(p) for p in detail[0].get("loc", ()) if p != "body"])
             return RequestError(field, None, f"{path} {detail[0]['msg'].split(', ', 1)[-1]}")
-        return RequestError(field, same[0].get("input"), f"must be {_EXPECTED[field]}")
+        return RequestError(field, same[0].get("input"), f"must be {expected[field]}")
     rule = first.get("msg", "invalid value")
     rule = rule.split(", ", 1)[1] if rule.startswith("Value error, ") else rule
     path = _path(location)

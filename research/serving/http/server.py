@@ -3,7 +3,9 @@
     app = create_app(engine, model_name="tiny", api_keys=("secret",))
     uvicorn.run(app, host="127.0.0.1", port=8000)      # launch/serve.py does this
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /tokenize,
+POST /detokenize and GET /tokenizer_info (vLLM's; lm-evaluation-harness tokenizes through
+them: tokenize.py), GET /health
 (liveness: 200 unless the engine failed: died, or a device call hung past serve.watchdog_s),
 GET /ready (readiness: 200 once the engine has compiled and warmed up, 503 before and after a
 failure; both need no key),
@@ -46,7 +48,14 @@ from research.errors import RequestError, UserError
 from research.serving.http import protocol
 from research.serving.http.chat import ChatTemplate
 from research.serving.http.endpoints import Endpoints, not_ready
-from research.serving.http.protocol import APIError, ChatRequest, CompletionRequest
+from research.serving.http.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from research.serving.http.tokenize import TokenizerEndpoints
 
 logger = logging.getLogger("cirrus.serve")
 
@@ -81,12 +90,16 @@ def create_app(
     """
     if engine.tokenizer is None:
         raise UserError("the model has no tokenizer; the server needs one to read text.")
+    chat = ChatTemplate(engine.tokenizer, chat_template)
     endpoints = Endpoints(
         engine,
         model_name=model_name,
-        chat=ChatTemplate(engine.tokenizer, chat_template),
+        chat=chat,
         limiter=RateLimiter(rate_limit_rpm, rate_limit_tpm),
         log_prompts=log_prompts,
+    )
+    tokenizer_endpoints = TokenizerEndpoints(
+        engine.tokenizer, model_name=model_name, max_len=engine.max_len, chat_template=chat.source
     )
     app = FastAPI(
         title="Cirrus OpenAI-compatible server",
@@ -114,7 +127,8 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, error: RequestValidationError):
-        error = protocol.validation_error(list(error.errors()))
+        generation = request.url.path.startswith("/v1/")
+        error = protocol.validation_error(list(error.errors()), union_fields=generation)
         return JSONResponse(protocol.request_error_body(error), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -123,7 +137,8 @@ def create_app(
         if error.status_code == 404:
             message = (
                 f"no route {request.method} {request.url.path}; the API is under /v1 "
-                "(/v1/models, /v1/completions, /v1/chat/completions)."
+                "(/v1/models, /v1/completions, /v1/chat/completions; the tokenizer at "
+                "/tokenize, /detokenize, /tokenizer_info)."
             )
         body = protocol.error_body(error.status_code, message)
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)
@@ -176,6 +191,18 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         return await endpoints.chat_completions(body, request)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        return tokenizer_endpoints.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        return tokenizer_endpoints.detokenize(body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenizer_endpoints.info()
 
     app.state.endpoints = endpoints
     return app
