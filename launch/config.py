@@ -2,8 +2,8 @@
 
 research/ never imports gin; this is the only place the library's dataclasses are exposed:
 `model.*` (ModelConfig), `data.*` (DataConfig), `train.*` (TrainConfig),
-`checkpoint.*` (CheckpointConfig), `eval.*` (EvalConfig), `serve.*` (EngineConfig) and
-`compress.*` (CompressConfig).
+`checkpoint.*` (CheckpointConfig), `eval.*` (EvalConfig), `serve.*` (EngineConfig),
+`compress.*` (CompressConfig) and `dpo.*` (DPOConfig).
 """
 
 import os
@@ -15,6 +15,7 @@ from research.compression.config import CompressConfig
 from research.data import DataConfig
 from research.errors import UserError
 from research.evaluation import EvalConfig
+from research.finetune import DPOConfig
 from research.model import ModelConfig
 from research.serving.engine import EngineConfig
 from research.train import TrainConfig
@@ -28,6 +29,7 @@ _CONFIGURABLES = {
     EvalConfig: gin.external_configurable(EvalConfig, "eval"),
     EngineConfig: gin.external_configurable(EngineConfig, "serve"),
     CompressConfig: gin.external_configurable(CompressConfig, "compress"),
+    DPOConfig: gin.external_configurable(DPOConfig, "dpo"),
 }
 
 # Repository root: gin files are found relative to it (and to the working directory).
@@ -49,8 +51,8 @@ def parse(gin_files=(), gin_bindings=()) -> None:
     except (ValueError, SyntaxError, KeyError, TypeError) as error:
         raise UserError(
             f"bad gin configuration: {error}\nConfigurables are `model.*`, `data.*`, "
-            f"`train.*`, `checkpoint.*`, `eval.*`, `serve.*` and `compress.*`; check the name and "
-            f"value of the binding above (see configs/base.gin for every field)."
+            f"`train.*`, `checkpoint.*`, `eval.*`, `serve.*`, `compress.*` and `dpo.*`; check "
+            f"the name and value of the binding above (see configs/base.gin for every field)."
         ) from None
 
 

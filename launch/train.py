@@ -18,6 +18,7 @@ from etils import epath
 
 from launch import cli, distributed
 from launch import config as gin_config
+from launch.pretrained import bind_pretrained
 from research import storage
 from research.checkpoint import CheckpointConfig, checkpoint_dir, move_aside
 from research.data import DataConfig, ensure_prepared
@@ -119,7 +120,7 @@ def main(argv):
     if not workdir:
         raise UserError("--workdir is required: the directory for this run's outputs.")
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
-    init_params = _init_from(INIT_FROM.value) if INIT_FROM.value else None
+    init_params = bind_pretrained(INIT_FROM.value, log=_log).params if INIT_FROM.value else None
     model_config, train_config, prepared = prepare_run(workdir)
     checkpoint_config = gin_config.build(CheckpointConfig)
     if FRESH.value and distributed.is_chief():
@@ -251,73 +252,6 @@ def _teacher(source: str, model_config, prepared):
         f"loss = {alpha} * T^2 * KL + {1 - alpha:g} * CE at T = {temperature}"
     )
     return distill_objective(config, graphdef, params, alpha=alpha, temperature=temperature)
-
-
-# --- --init_from: fine-tuning from pretrained weights -------------------------------------------
-
-# Set by the run's gin config even under --init_from: how to compute and what to train
-# (LoRA adapters), not what the pretrained model is.
-_RUN_MODEL_FIELDS = ("dtype", "remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-
-
-def _bound(name: str, default):
-    """A gin binding's value, or default when the configs leave it unset."""
-    import gin
-
-    try:
-        return gin.query_parameter(name)
-    except ValueError:
-        return default
-
-
-def _init_from(source: str):
-    """Loads pretrained weights and binds their shape (model.*) and tokenizer
-    (data.tokenizer_path) into gin before the configs are built; returns the parameters."""
-    import dataclasses
-
-    import gin
-
-    from research.checkpoint import load_pretrained
-
-    pretrained = load_pretrained(source, log=_log)
-    lora_rank = _bound("model.lora_rank", 0)
-    if pretrained.model_config.quant != "none" and lora_rank:
-        _log(
-            f"--init_from: QLoRA: rank-{lora_rank} adapters train over its frozen "
-            f"{pretrained.model_config.quant} weights"
-        )
-    elif pretrained.model_config.quant != "none":  # A launch.compress output: train its floats.
-        from research.compression.quantize import dequantize_params
-
-        _log(f"--init_from: dequantizing its {pretrained.model_config.quant} weights to float32")
-        pretrained.model_config, pretrained.params = dequantize_params(
-            pretrained.model_config, pretrained.params
-        )
-    config = pretrained.model_config
-    data_config = gin_config.build(DataConfig)
-    with gin.unlock_config():
-        for field in dataclasses.fields(ModelConfig):
-            if field.name not in _RUN_MODEL_FIELDS:
-                gin.bind_parameter(f"model.{field.name}", getattr(config, field.name))
-        if data_config.tokenizer_path:
-            _log(
-                f"--init_from: keeping data.tokenizer_path={data_config.tokenizer_path!r}; it "
-                "must be the tokenizer the pretrained model was trained with."
-            )
-        else:
-            tokenizer_dir = pretrained.local_tokenizer_dir(data_config.cache_root())
-            if tokenizer_dir is None:
-                raise UserError(
-                    f"--init_from={source} has no tokenizer; set data.tokenizer_path to the "
-                    "tokenizer the model was trained with."
-                )
-            gin.bind_parameter("data.tokenizer_path", tokenizer_dir)
-    _log(
-        f"--init_from: {pretrained.source['format']} {source} "
-        f"({config.num_layers} layers, d_model {config.d_model}, vocab {config.vocab_size}); "
-        "its shape overrides gin's model.* settings"
-    )
-    return pretrained.params
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ from research.model import ModelConfig
 
 
 def to_flat(params) -> dict[tuple, np.ndarray]:
-    """{path: float32 numpy array} of an nnx.State of parameters (on any devices)."""
+    """{path: float32 numpy array} of an nnx.State of parameters (on any devices) or of its
+    pure dict (what `lora.merge` returns)."""
+    if isinstance(params, dict):
+        params = nnx.State(params)
     flat = {}
     for path, leaf in nnx.to_flat_state(params):
         value = leaf[...] if isinstance(leaf, nnx.Variable) else leaf

@@ -122,9 +122,24 @@ class ChatTemplate:
         return encoding.ids, encoding.offsets
 
     @property
+    def tokenizer(self):
+        """The research.data.Tokenizer the template tokenizes with."""
+        return self._tokenizer
+
+    @property
     def end_of_turn_texts(self) -> tuple[str, ...]:
         """Texts that close an assistant turn: the known markers and the eos token."""
         return (*END_OF_TURN_TOKENS, self._tokenizer.eos_token)
+
+    @property
+    def control_texts(self) -> tuple[str, ...]:
+        """Texts only the template may write: bos, eos, turn markers and the vocabulary's
+        special tokens. A message holding one gets a second bos or end-of-turn (these are
+        tokenized as control tokens here) or a turn boundary the data never meant."""
+        hf = self._tokenizer.hf_tokenizer
+        specials = [t.content for t in hf.get_added_tokens_decoder().values() if t.special]
+        texts = {self._tokenizer.bos_token, *self.end_of_turn_texts, "<|im_start|>", *specials}
+        return tuple(sorted(t for t in texts if t))
 
 
 MASKS = ("assistant", "last", "all")

@@ -293,7 +293,7 @@ def train(
     model_config: ModelConfig,
     config: TrainConfig,
     *,
-    data_dir: str,
+    data_dir: str | None,
     workdir: str,
     log: Callable[[str], None] = print,
     mesh=None,
@@ -303,6 +303,7 @@ def train(
     init_params=None,
     task_eval: Callable[..., dict] | None = None,
     objective: Objective | None = None,
+    dataset=None,
 ) -> tuple[Trainer, TrainState, dict]:
     """Trains for config.num_steps; returns (trainer, final state, last metrics).
 
@@ -313,6 +314,9 @@ def train(
     {name: value}` (e.g. research.evaluation.run_suite) runs every `train.task_eval_every`
     steps and at the end; its metrics join the logged record. `objective` replaces the
     next-token loss (distillation from a teacher, masks kept while healing a pruned model).
+    `dataset` (a grain IterDataset of host-local batch dicts the objective reads, e.g. DPO's
+    preference pairs, research/finetune/dpo.py) replaces the packed train split of
+    `data_dir`; with data_dir None there is no next-token validation (`train.eval_every`).
     """
     trainer, state = build_trainer(model_config, config, mesh, objective)
     mesh = trainer.mesh
@@ -334,13 +338,14 @@ def train(
             f"{list(model_config.lora_targets)}: {trained:,} of {total:,} parameters train "
             f"({100 * trained / total:.2f}%), the rest frozen"
         )
-    dataset = make_dataset(
-        data_dir,
-        "train",
-        seq_len=config.seq_len,
-        batch_size=config.batch_size // jax.process_count(),
-        seed=config.seed,
-    )
+    if dataset is None:
+        dataset = make_dataset(
+            data_dir,
+            "train",
+            seq_len=config.seq_len,
+            batch_size=config.batch_size // jax.process_count(),
+            seed=config.seed,
+        )
     iterator = iter(dataset)
     checkpointer = None
     meta = dict(meta or {}, model_config=dumps_config(model_config), data_dir=data_dir)
@@ -353,7 +358,7 @@ def train(
     if is_chief:
         truncate_metrics(metrics_path, int(state.step))
     writer = MetricsWriter(workdir, enabled=is_chief)
-    if int(state.step) == 0 and init_params is not None and config.eval_every:
+    if int(state.step) == 0 and init_params is not None and config.eval_every and data_dir:
         # Fine-tuning: the starting point's validation loss, the baseline the run must beat.
         batches = eval_batches(data_dir, "validation", config, config.eval_batches)
         val = evaluate(trainer, state.params, batches)
@@ -484,7 +489,7 @@ class _Loop:
 
     trainer: Trainer
     config: TrainConfig
-    data_dir: str
+    data_dir: str | None
     writer: MetricsWriter
     checkpointer: Checkpointer | None
     meta: dict
@@ -493,6 +498,7 @@ class _Loop:
     peak: float  # FLOP/s of every device together (MFU's denominator).
     flops_token: float
     task_eval: Callable[..., dict] | None
+    tokens_per_step: int = 0  # Token positions a step processes (read off the first batch).
 
     def run(self, state, iterator):
         """Steps from state.step to config.num_steps. Returns (final state, last record)."""
@@ -509,6 +515,7 @@ class _Loop:
             with jax.set_mesh(trainer.mesh):
                 for step in range(start_step, config.num_steps):
                     batch = sharding.global_batch(trainer.mesh, next(iterator))
+                    self.tokens_per_step = batch["inputs"].size  # Positions, padding included.
                     state, metrics = trainer.train_step(state, batch)
                     if first_step_s is None:
                         jax.block_until_ready(metrics["loss"])
@@ -548,7 +555,7 @@ class _Loop:
     def _record(self, done, state, metrics, window_steps, elapsed) -> dict:
         """Logs step `done`: training metrics, and evaluations when due."""
         config, trainer = self.config, self.trainer
-        tokens_per_step = config.batch_size * config.seq_len
+        tokens_per_step = self.tokens_per_step
         tokens_per_s = window_steps * tokens_per_step / elapsed if window_steps else 0.0
         record = {
             "loss": float(metrics["loss"]),
@@ -560,7 +567,7 @@ class _Loop:
         }
         extra = {k: float(v) for k, v in metrics.items() if k not in _STEP_METRICS}
         record.update(extra)  # An objective's own terms (e.g. distillation's "kd").
-        if self._due(done, config.eval_every):
+        if self.data_dir and self._due(done, config.eval_every):
             batches = eval_batches(self.data_dir, "validation", config, config.eval_batches)
             val = evaluate(trainer, state.params, batches)
             record["val_loss"] = val["loss"]

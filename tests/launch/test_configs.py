@@ -8,6 +8,7 @@ import pytest
 from launch import config as gin_config
 from research.data import DataConfig
 from research.errors import UserError
+from research.finetune import DPOConfig
 from research.model import ModelConfig
 from research.train import TrainConfig
 
@@ -24,7 +25,7 @@ def _all_gin_files():
 def test_gin_file_parses_and_binds(path):
     files = [path] if "model" not in path else [BASE, path]
     gin_config.parse(files, REQUIRED.get(os.path.basename(path), []))
-    for cls in (ModelConfig, DataConfig, TrainConfig):
+    for cls in (ModelConfig, DataConfig, TrainConfig, DPOConfig):
         gin_config.build(cls)
     with open(path) as f:
         assert f.readline().startswith("#"), "first line must be the command that runs it"
@@ -56,6 +57,9 @@ def test_bad_value_is_a_user_error_naming_the_field():
     gin_config.parse([BASE], ["model.num_kv_heads = 3"])
     with pytest.raises(UserError, match="num_kv_heads"):
         gin_config.build(ModelConfig)
+    gin_config.parse([BASE], ["dpo.beta = -0.1"])
+    with pytest.raises(UserError, match="dpo.beta"):
+        gin_config.build(DPOConfig)
 
 
 def test_missing_gin_file_is_a_user_error():

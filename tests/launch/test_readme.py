@@ -5,6 +5,7 @@ launch.serve started, asked /ready and stopped. A README example cannot rot unno
 """
 
 import concurrent.futures
+import json
 import os
 import re
 import shlex
@@ -85,6 +86,9 @@ def inputs(tmp_path_factory):
     write_llama_gguf(
         root / "model.gguf", model, "llama", Q8_0, tokenizer=tokenizer, chat_template=CHATML
     )
+    # Preference pairs short enough for the tiny model's 64 positions (README's DPO).
+    pairs = [{"prompt": f"Hi {i}", "chosen": "Yes.", "rejected": "No!"} for i in range(4)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     return root
 
 
@@ -120,6 +124,10 @@ def _adapt(argv: list[str], root, cache: str) -> tuple[list[str], str]:
         argv += [f"--gin_bindings=compress.{b}" for b in quick]
     if module in ("launch.train", "launch.local"):
         argv += ["--", "--sample_prompt="] if module == "launch.local" else ["--sample_prompt="]
+    if module == "launch.dpo":  # Two steps on short pairs (the demo's need a real tokenizer).
+        dpo = [f"dpo.data = ['{root / 'pairs.jsonl'}']", "dpo.min_prompt_tokens = 8"]
+        dpo += ["dpo.validation_fraction = 0.0", "train.seq_len = 64"]
+        argv += [f"--gin_bindings={b}" for b in TINY_STEPS + dpo]
     return argv, "serve" if module == "launch.serve" else "run"
 
 

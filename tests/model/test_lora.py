@@ -217,3 +217,15 @@ def test_a_peft_directory_cirrus_cannot_load_is_a_clear_error(tmp_path):
         lora.load_peft(BASE, lora._strip(params.to_pure_dict()), str(tmp_path))
     with pytest.raises(UserError, match="no adapter_config.json"):
         lora.load_peft(BASE, {}, str(tmp_path / "missing"))
+
+
+def test_merged_parameters_flatten_for_export_like_a_plain_model():
+    # launch.convert --to_hf of a LoRA run hands lora.merge's pure dict to the HF writer.
+    from research.checkpoint.param_arrays import to_flat
+
+    _, params = _model(LORA)
+    config, merged = lora.merge(LORA, params)
+    flat = to_flat(merged)
+    assert config.lora_rank == 0 and flat.keys() == to_flat(_model(BASE)[1]).keys()
+    kernel = merged["layers"][0]["attention"]["q_proj"]["kernel"]
+    np.testing.assert_array_equal(flat[("layers", 0, "attention", "q_proj", "kernel")], kernel)
