@@ -48,10 +48,15 @@ serve-demo: $(VENV)/.runtime-ok $(KERNEL)
 	$(PY) -m launch.serve --from_gguf=$(SMOLLM2) --model_name=smollm2 \
 		--gin_bindings='serve.max_len=2048'
 
+# Two pytest-xdist workers, one test file each at a time (module fixtures stay in one
+# process): a serial run keeps about one core busy (compiles, subprocess starts, servers
+# warming up), so two workers use a 2-core machine's second core. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.test-ok $(KERNEL)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.test-ok
 	$(VENV)/bin/ruff check .

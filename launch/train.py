@@ -87,9 +87,27 @@ def prepare_run(workdir: str):
     if distributed.is_chief():  # Shared files: one writer.
         with tempfile.TemporaryDirectory() as local:
             tokenizer.save(local)
+            _keep_chat_template(data_config.tokenizer_path, local)
             storage.upload_dir(local, workdir_path / "tokenizer")
         (workdir_path / "config.gin").write_text(gin_config.operative_config())
     return model_config, train_config, prepared
+
+
+def _keep_chat_template(tokenizer_path: str, directory: str) -> None:
+    """Carries the source tokenizer's chat_template (e.g. an imported model's, which chat
+    fine-tuning rendered its data with) into the run's saved tokenizer, so that launch.serve
+    chats with the template the model was trained on rather than the ChatML default."""
+    from research.data.tokenizer import read_chat_template
+
+    source = os.path.expanduser(tokenizer_path or "")
+    template = read_chat_template(source) if os.path.isdir(source) else None
+    if template is None:
+        return
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**config, "chat_template": template}, f, indent=2)
 
 
 def _task_eval(train_config, model_config, prepared):

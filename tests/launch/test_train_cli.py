@@ -160,3 +160,22 @@ def test_user_errors_exit_1_with_a_message(bindings, fragment, tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_run_keeps_the_source_tokenizers_chat_template(tmp_path):
+    from launch.train import _keep_chat_template
+    from research.data import train_tokenizer
+    from research.data.tokenizer import read_chat_template
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    source, run = tmp_path / "source", tmp_path / "run"
+    tokenizer = train_tokenizer(["Once more unto the breach."] * 10, 280)
+    tokenizer.save(str(source))
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    tokenizer.save(str(run))  # What launch.train writes to WORKDIR/tokenizer: no template.
+    assert read_chat_template(str(run)) is None
+    _keep_chat_template(str(source), str(run))
+    assert read_chat_template(str(run)) == template
+    _keep_chat_template("", str(run))  # A trained-from-scratch run: nothing to carry.
+    assert read_chat_template(str(run)) == template
