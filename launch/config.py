@@ -3,7 +3,7 @@
 research/ never imports gin; this is the only place the library's dataclasses are exposed:
 `model.*` (ModelConfig), `data.*` (DataConfig), `train.*` (TrainConfig),
 `checkpoint.*` (CheckpointConfig), `eval.*` (EvalConfig), `serve.*` (EngineConfig),
-`compress.*` (CompressConfig) and `dpo.*` (DPOConfig).
+`compress.*` (CompressConfig), `dpo.*` (DPOConfig) and `apps.*` (AppConfig).
 """
 
 import os
@@ -14,7 +14,7 @@ from research.checkpoint import CheckpointConfig
 from research.compression.config import CompressConfig
 from research.data import DataConfig
 from research.errors import UserError
-from research.evaluation import EvalConfig
+from research.evaluation import AppConfig, EvalConfig
 from research.finetune import DPOConfig
 from research.model import ModelConfig
 from research.serving.engine import EngineConfig
@@ -30,6 +30,7 @@ _CONFIGURABLES = {
     EngineConfig: gin.external_configurable(EngineConfig, "serve"),
     CompressConfig: gin.external_configurable(CompressConfig, "compress"),
     DPOConfig: gin.external_configurable(DPOConfig, "dpo"),
+    AppConfig: gin.external_configurable(AppConfig, "apps"),
 }
 
 # Repository root: gin files are found relative to it (and to the working directory).
@@ -51,8 +52,9 @@ def parse(gin_files=(), gin_bindings=()) -> None:
     except (ValueError, SyntaxError, KeyError, TypeError) as error:
         raise UserError(
             f"bad gin configuration: {error}\nConfigurables are `model.*`, `data.*`, "
-            f"`train.*`, `checkpoint.*`, `eval.*`, `serve.*`, `compress.*` and `dpo.*`; check "
-            f"the name and value of the binding above (see configs/base.gin for every field)."
+            f"`train.*`, `checkpoint.*`, `eval.*`, `serve.*`, `compress.*`, `dpo.*` and "
+            f"`apps.*`; check the name and value of the binding above (see configs/base.gin for "
+            "every field)."
         ) from None
 
 

@@ -6,8 +6,12 @@ multiple_choice.py  log-likelihood scoring of choices (raw and byte-normalized a
 generation.py       greedy answers scored by exact match and F1 (metrics.py)
 tasks.py            JSONL task readers and the LAMBADA-style cloze task from held-out text
 scoring.py          packed, jitted log-probabilities of target tokens
+applications.py     chat, QA, translation, moderation, text: shipped sets (app_data/), metrics
+app_backends.py     the apps' backends: an OpenAI-compatible server, or the model in process
 """
 
+from research.evaluation.app_backends import InProcessBackend, OpenAIBackend
+from research.evaluation.applications import APPS, AppConfig, run_app
 from research.evaluation.generation import evaluate_generation
 from research.evaluation.metrics import exact_match, f1, normalize_answer
 from research.evaluation.multiple_choice import choice_spans, evaluate_choices
@@ -28,6 +32,11 @@ from research.evaluation.tasks import (
 )
 
 __all__ = [
+    "APPS",
+    "AppConfig",
+    "InProcessBackend",
+    "OpenAIBackend",
+    "run_app",
     "ChoiceItem",
     "EvalConfig",
     "EvalSuite",

@@ -8,6 +8,7 @@ import pytest
 from launch import config as gin_config
 from research.data import DataConfig
 from research.errors import UserError
+from research.evaluation import AppConfig
 from research.finetune import DPOConfig
 from research.model import ModelConfig
 from research.train import TrainConfig
@@ -25,7 +26,7 @@ def _all_gin_files():
 def test_gin_file_parses_and_binds(path):
     files = [path] if "model" not in path else [BASE, path]
     gin_config.parse(files, REQUIRED.get(os.path.basename(path), []))
-    for cls in (ModelConfig, DataConfig, TrainConfig, DPOConfig):
+    for cls in (ModelConfig, DataConfig, TrainConfig, DPOConfig, AppConfig):
         gin_config.build(cls)
     with open(path) as f:
         assert f.readline().startswith("#"), "first line must be the command that runs it"
