@@ -2,7 +2,9 @@
 greedy answers, asked of an OpenAI-compatible server or of a model in this process.
 
 A backend has two methods:
-  chat(conversations, max_tokens) -> replies: greedy (temperature 0) chat completions.
+  chat(conversations, max_tokens) -> replies: greedy (temperature 0) chat completions; None
+    for a conversation whose prompt + max_tokens does not fit the context (the server's 400
+    `context_length_exceeded`; in process, the same rule), which run_app counts as skipped.
   token_logprobs(texts) -> per text, log p(token | tokens before) of every token but the first.
 
 OpenAIBackend sends them through the official `openai` client to any base_url
@@ -42,11 +44,22 @@ class OpenAIBackend:
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(function, inputs))
 
-    def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[str]:
+    def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[str | None]:
+        import openai
+
         def one(messages):
-            response = self.client.chat.completions.create(
-                model=self.model, messages=messages, temperature=0.0, max_tokens=max_tokens, seed=0
-            )
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    temperature=0.0,
+                    max_tokens=max_tokens,
+                    seed=0,
+                )
+            except openai.BadRequestError as error:
+                if _code(error) == "context_length_exceeded":
+                    return None
+                raise
             return response.choices[0].message.content or ""
 
         return self._map(one, conversations)
@@ -60,6 +73,12 @@ class OpenAIBackend:
             return [float(v) for v in values[1:]]  # The first token has no log-probability.
 
         return self._map(one, texts)
+
+
+def _code(error) -> str | None:
+    """The OpenAI error object's code of a BadRequestError (None when the body has none)."""
+    body = error.body if isinstance(error.body, dict) else {}
+    return (body.get("error") or body).get("code") if isinstance(body, dict) else None
 
 
 class InProcessBackend:
@@ -87,20 +106,26 @@ class InProcessBackend:
             max_len=self.max_len,
         )
 
-    def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[str]:
+    def chat(self, conversations: list[list[dict]], max_tokens: int) -> list[str | None]:
         from research.serving import SamplingParams, complete
 
         prompts = [self.template.encode(messages) for messages in conversations]
+        fits = [i for i, p in enumerate(prompts) if len(p) + max_tokens <= self.max_len]
         requests = [
             SamplingParams(
                 max_new_tokens=max_tokens,
                 temperature=0.0,
                 stop_token_ids=self.template.stop_token_ids,
             )
-            for _ in prompts
+            for _ in fits
         ]
-        completions = complete(self.sampler, prompts, requests, tokenizer=self.tokenizer)
-        return [c.text for c in completions]
+        completions = complete(
+            self.sampler, [prompts[i] for i in fits], requests, tokenizer=self.tokenizer
+        )
+        replies = [None] * len(prompts)
+        for i, completion in zip(fits, completions, strict=True):
+            replies[i] = completion.text
+        return replies
 
     def token_logprobs(self, texts: list[str]) -> list[list[float]]:
         spans = [Span(tokens=np.asarray(self.tokenizer.encode_prompt(t))) for t in texts]

@@ -136,8 +136,16 @@ def run_app(name: str, backend, config: AppConfig = AppConfig()) -> dict:
     if name == "text":
         return _run_text(backend, config)
     items = read_items(name, config.data_dir)
-    replies = backend.chat([_MESSAGES[name](item) for item in items], config.max_tokens)
-    replies = [r.strip() for r in replies]
+    answered = backend.chat([_MESSAGES[name](item) for item in items], config.max_tokens)
+    skipped = sum(reply is None for reply in answered)
+    if skipped == len(items):
+        raise UserError(
+            f"app {name}: no item fits the model's context with apps.max_tokens="
+            f"{config.max_tokens} (prompt + reply); use a longer-context model or lower "
+            "apps.max_tokens."
+        )
+    items = [item for item, reply in zip(items, answered, strict=True) if reply is not None]
+    replies = [reply.strip() for reply in answered if reply is not None]
     rows = [{"reply": r} for r in replies]
     if name == "chat":
         scores = [keyword_hit(r, i["keywords"]) for r, i in zip(replies, items, strict=True)]
@@ -161,7 +169,8 @@ def run_app(name: str, backend, config: AppConfig = AppConfig()) -> dict:
         for row, p, c in zip(rows, predicted, correct, strict=True):
             row.update(label=p, correct=c)
         result = {"accuracy": _mean(correct)}
-    return {"metrics": {**result, "items": len(items)}, "items": rows}
+    # Items too long for the context are left out of the scores and counted.
+    return {"metrics": {**result, "items": len(items), "skipped": skipped}, "items": rows}
 
 
 def _run_text(backend, config: AppConfig) -> dict:

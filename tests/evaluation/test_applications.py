@@ -3,6 +3,7 @@ values, the shipped sets, and the two backends on a tiny served run: `launch.ser
 the `openai` client and the same model in this process give the same replies and scores."""
 
 import concurrent.futures
+import dataclasses
 import json
 import math
 import subprocess
@@ -101,12 +102,20 @@ def both_backends(workdir):
         try:
             local = InProcessBackend(load(workdir, log=lambda _: None), num_slots=TINY.num_slots)
             here = {name: run_app(name, local, TINY) for name in APPS}
+            # Replies long enough that the longer half of the prompts no longer fit.
+            lengths = sorted(
+                len(local.template.encode(apps._MESSAGES["moderation"](item)))
+                for item in apps.read_items("moderation")
+            )
+            long = dataclasses.replace(TINY, max_tokens=512 - lengths[len(lengths) // 2])
+            here["too_long"] = run_app("moderation", local, long)
         finally:
             server = starting.result()
     try:
         remote = OpenAIBackend(f"{server.url}/v1", concurrency=4)
         assert remote.model == "tiny"
         served = {name: run_app(name, remote, TINY) for name in APPS}
+        served["too_long"] = run_app("moderation", remote, long)
     finally:
         assert server_fixtures.stop_server(server) == 0, server.log()[-3000:]
     return here, served
@@ -118,6 +127,14 @@ def test_served_equals_in_process(both_backends, name):
     assert served[name]["items"] == here[name]["items"]  # Every reply and its score.
     assert served[name]["metrics"] == here[name]["metrics"]
     assert any(row["reply"] for row in here[name]["items"])
+
+
+def test_items_past_the_context_are_skipped_alike_served_and_in_process(both_backends):
+    here, served = both_backends
+    skipped = here["too_long"]["metrics"]["skipped"]
+    assert 0 < skipped < 24 and served["too_long"]["metrics"] == here["too_long"]["metrics"]
+    assert served["too_long"]["items"] == here["too_long"]["items"]
+    assert here["too_long"]["metrics"]["items"] == 24 - skipped
 
 
 def test_served_perplexity_equals_in_process(both_backends):

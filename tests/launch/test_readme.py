@@ -116,6 +116,9 @@ def _adapt(argv: list[str], root, cache: str) -> tuple[list[str], str]:
         argv += [f"--gin_bindings={b}" for b in bindings]
     if module == "launch.sample":
         argv.append("--max_new_tokens=8")
+    if module == "launch.apps":  # The tiny model holds 64 tokens: no chat prompt fits.
+        argv += ["--apps=text", "--gin_bindings=apps.text_paragraphs = 2"]
+        argv += ["--gin_bindings=apps.text_max_chars = 40"]
     if module == "launch.compress":  # Small evaluation and timing; one layer to prune.
         quick = ["eval_tokens = 1024", "eval_window = 64", "speed_tokens = 8", "speed_reps = 1"]
         quick += ["calibration_sequences = 4", "calibration_len = 32", "prune_layers = 1"]
