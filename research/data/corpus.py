@@ -200,19 +200,25 @@ def read_conversations(sources) -> list[tuple[str, list]]:
                 f"data.sources: {path} is not a .jsonl file; chat data (data.format = 'chat') "
                 'is JSON lines of {"messages": [{"role": ..., "content": ...}, ...]}.'
             )
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{where} is not valid JSON ({error.msg}).") from None
-                if not isinstance(record, dict) or "messages" not in record:
-                    raise UserError(f'{where} has no "messages" field (OpenAI chat format).')
-                conversations.append((where, record["messages"]))
+        for where, record in jsonl_records(path):
+            if not isinstance(record, dict) or "messages" not in record:
+                raise UserError(f'{where} has no "messages" field (OpenAI chat format).')
+            conversations.append((where, record["messages"]))
     return conversations
+
+
+def jsonl_records(path: str):
+    """("file:line", parsed JSON) of every non-blank line of a JSON-lines file; invalid JSON
+    is a UserError naming file:line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{where} is not valid JSON ({error.msg}).") from None
 
 
 def default_chat_conversations() -> list[tuple[str, list]]:

@@ -30,13 +30,13 @@ import dataclasses
 import glob
 import hashlib
 import io
-import json
 import os
 
 import numpy as np
 from etils import epath
 
 from research.data.chat import ROLES, ChatTemplate, encode_conversation
+from research.data.corpus import jsonl_records
 from research.errors import UserError
 
 CHOSEN, REJECTED = 0, 1  # Row order within a pair.
@@ -59,16 +59,8 @@ def read_preferences(sources) -> list[Preference]:
     """
     preferences = []
     for path in _files(sources):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{where} is not valid JSON ({error.msg}).") from None
-                preferences.append(_parse(record, where))
+        for where, record in jsonl_records(path):
+            preferences.append(_parse(record, where))
     if not preferences:
         raise UserError(f"dpo.data={list(sources)} holds no preference pairs.")
     return preferences
