@@ -26,7 +26,7 @@ from etils import epath
 
 from launch import cli
 from launch import config as gin_config
-from launch.pretrained import bind_pretrained
+from launch.pretrained import bind_pretrained, source_meta
 from research import sharding, storage
 from research.checkpoint import CheckpointConfig
 from research.checkpoint.hf import copy_tokenizer_files
@@ -141,7 +141,11 @@ def main(argv):
             log=_log,
             mesh=mesh,
             checkpoint=checkpoint_config,
-            meta={"config_gin": gin_config.operative_config(), "dpo_pairs": len(pairs)},
+            meta={
+                "config_gin": gin_config.operative_config(),
+                "dpo_pairs": len(pairs),
+                **source_meta(pretrained),
+            },
             preemption=PreemptionNotice().install(),
             init_params=pretrained.params,
             task_eval=task_eval,

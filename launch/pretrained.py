@@ -2,6 +2,7 @@
 whose shape and tokenizer are bound into gin before the configs are built."""
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import gin
@@ -69,3 +70,12 @@ def bind_pretrained(source: str, *, log: Callable[[str], None] = print) -> Pretr
         "its shape overrides gin's model.* settings"
     )
     return pretrained
+
+
+def source_meta(pretrained: Pretrained) -> dict:
+    """meta["init_from"] of a run started from `pretrained`: its source, with an absolute path
+    (an adapter-only LoRA run reads its base from there again)."""
+    source = dict(pretrained.source)
+    if "://" not in str(source["path"]):
+        source["path"] = os.path.abspath(source["path"])
+    return {"init_from": source}

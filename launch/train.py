@@ -18,7 +18,7 @@ from etils import epath
 
 from launch import cli, distributed
 from launch import config as gin_config
-from launch.pretrained import bind_pretrained
+from launch.pretrained import bind_pretrained, source_meta
 from research import storage
 from research.checkpoint import CheckpointConfig, checkpoint_dir, move_aside
 from research.data import DataConfig, ensure_prepared
@@ -138,7 +138,8 @@ def main(argv):
     if not workdir:
         raise UserError("--workdir is required: the directory for this run's outputs.")
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
-    init_params = bind_pretrained(INIT_FROM.value, log=_log).params if INIT_FROM.value else None
+    pretrained = bind_pretrained(INIT_FROM.value, log=_log) if INIT_FROM.value else None
+    init_params = pretrained.params if pretrained else None
     model_config, train_config, prepared = prepare_run(workdir)
     checkpoint_config = gin_config.build(CheckpointConfig)
     if FRESH.value and distributed.is_chief():
@@ -156,7 +157,10 @@ def main(argv):
             workdir=workdir,
             log=_log,
             checkpoint=checkpoint_config,
-            meta={"config_gin": gin_config.operative_config()},
+            meta={
+                "config_gin": gin_config.operative_config(),
+                **(source_meta(pretrained) if pretrained else {}),
+            },
             preemption=PreemptionNotice().install(),
             init_params=init_params,
             task_eval=task_eval,

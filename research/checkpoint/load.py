@@ -102,6 +102,42 @@ def merge_lora(loaded: LoadedModel, *, mesh=None, log=print) -> LoadedModel:
     )
 
 
+BASE_ENV = "CIRRUS_LORA_BASE"
+
+
+def _lora_base_params(saved: dict, model_config: ModelConfig, workdir: str, log) -> dict:
+    """The frozen base of an adapter-only LoRA run, as a pure dict: read again from the source
+    its metadata names (or $CIRRUS_LORA_BASE, for a base that has moved) and checked against
+    the fingerprint taken when training started."""
+    import os
+
+    from research.checkpoint.pretrained import load_pretrained
+    from research.model import lora
+
+    source = os.environ.get(BASE_ENV) or saved["source"]["path"]
+    if not storage.is_remote(source) and not os.path.exists(source):
+        raise UserError(
+            f"{workdir} holds LoRA adapters only; their base {source} is not there. Put the "
+            f"base back, or name where it is now with {BASE_ENV}=PATH."
+        )
+    log(f"LoRA adapters only in {workdir}: reading their base from {source}")
+    pretrained = load_pretrained(source, log=log)
+    fingerprint = lora.base_fingerprint(pretrained.params)
+    if fingerprint != saved["fingerprint"]:
+        raise UserError(
+            f"{workdir}: its LoRA adapters were trained on a base with fingerprint "
+            f"{saved['fingerprint']}, but {source} has {fingerprint}: another or a changed "
+            f"model. Name the original with {BASE_ENV}=PATH."
+        )
+    if pretrained.model_config.quant != model_config.quant:
+        raise UserError(
+            f"{workdir}: the run's weights are {model_config.quant!r} but its base {source} "
+            f"is {pretrained.model_config.quant!r}."
+        )
+    params = pretrained.params
+    return params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
+
+
 def param_shardings(model_config: ModelConfig, mesh):
     """NamedShardings of the parameters on `mesh` from their logical axes."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
@@ -135,8 +171,16 @@ def load_model(workdir: str, *, step: int | None = None, mesh=None, log=print) -
         meta = checkpointer.read_meta(s)
         model_config = ModelConfig(**meta["model_config"])
         graphdef, abstract, shardings = param_shardings(model_config, mesh)
-        params = checkpointer.restore_params(s, abstract_with_shardings(abstract, shardings))
-        return meta, model_config, graphdef, params
+        abstract = abstract_with_shardings(abstract, shardings)
+        if "lora_base" not in meta:
+            return meta, model_config, graphdef, checkpointer.restore_params(s, abstract)
+        from research.model import lora
+
+        adapters = checkpointer.restore_params(s, lora.adapter_tree(abstract))
+        base = _lora_base_params(meta["lora_base"], model_config, workdir, log)
+        _, params, _ = param_shardings(model_config, mesh)
+        nnx.replace_by_pure_dict(params, lora.with_adapters(base, adapters))
+        return meta, model_config, graphdef, jax.device_put(params, shardings)
 
     try:
         if step is not None:

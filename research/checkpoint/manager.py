@@ -5,6 +5,9 @@ One Orbax step directory holds four items:
   opt_state  the optimizer state
   data       the grain iterator state (exact resume of the input pipeline)
   meta       JSON: step, model config, operative gin config, prepared-data directory
+A LoRA run started from pretrained weights (`checkpoint.lora_adapters_only`, the default)
+saves in `params` its adapters alone; `meta["lora_base"]` names the base (the --init_from
+source and a fingerprint of its weights), which a resume or `load_model` reads again.
 Saves are asynchronous; a step becomes visible only once complete (Orbax's atomic commit), so
 a crash mid-save leaves the previous step as the latest. Local paths, gs:// and s3:// work.
 
@@ -49,6 +52,9 @@ class CheckpointConfig:
     async_save: bool = True
     # Copy the state on device and save from a thread (see the module docstring).
     snapshot_save: bool = True
+    # A LoRA run started from --init_from saves only its adapters and their optimizer state;
+    # the frozen base is read again from the --init_from source (its fingerprint checked).
+    lora_adapters_only: bool = True
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -11,6 +11,7 @@ PEFT layout (`save_peft` / `load_peft`): adapter_config.json + adapter_model.saf
 module names of research/checkpoint/hf.py's layout.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -125,6 +126,62 @@ def merge(model_config, params):
             np.asarray(node["kernel"], np.float32) + delta(model_config, a, b)
         ).astype(np.float32)
     return config, base
+
+
+def adapter_tree(params) -> dict:
+    """The adapter leaves alone, as a nested pure dict of the same arrays (or abstract
+    shapes): what a LoRA run's adapter-only checkpoint holds."""
+
+    def keep(node: dict) -> dict:
+        out = {}
+        for key, value in node.items():
+            if isinstance(value, dict):
+                if inner := keep(value):
+                    out[key] = inner
+            elif key in ADAPTER_KEYS:
+                out[key] = value
+        return out
+
+    return keep(_pure(params))
+
+
+def with_adapters(params, adapter_values: dict):
+    """A copy of `params` (nnx.State or pure dict) with the adapter leaves of `adapter_values`
+    (adapter_tree's layout) in place of its own, or added to a base without adapters."""
+
+    def put(node: dict, values: dict) -> dict:
+        out = dict(node)
+        for key, value in values.items():
+            if key not in node and key not in ADAPTER_KEYS:
+                raise UserError(
+                    f"the saved LoRA adapters have {key!r}, which the model lacks: they were "
+                    "trained on another model shape or lora_targets."
+                )
+            out[key] = put(node[key], value) if isinstance(value, dict) else value
+        return out
+
+    merged = put(_pure(params), adapter_values)
+    if isinstance(params, dict):
+        return merged
+    state = jax.tree.map(lambda x: x, params)  # A copy of the State's structure.
+    state.replace_by_pure_dict(merged)
+    return state
+
+
+def base_fingerprint(params) -> str:
+    """A short hash of the frozen base weights (every leaf but the adapters): each leaf's path,
+    shape and dtype, and 4,096 of its values evenly strided. An adapter-only checkpoint keeps
+    it, so that the base read again later is known to be the one the adapters were trained
+    on. Reads the arrays to the host (one process's view)."""
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_leaves_with_path(_strip(_pure(params)))
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        values = np.asarray(leaf)
+        flat = values.reshape(-1)
+        sample = np.ascontiguousarray(flat[:: max(1, flat.size // 4096)])
+        digest.update(f"{jax.tree_util.keystr(path)}:{values.shape}:{values.dtype}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _strip(tree: dict) -> dict:

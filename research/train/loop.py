@@ -349,11 +349,18 @@ def train(
     iterator = iter(dataset)
     checkpointer = None
     meta = dict(meta or {}, model_config=dumps_config(model_config), data_dir=data_dir)
+    base = _lora_base(model_config, checkpoint, meta, init_params)
+    if base is not None:
+        meta["lora_base"] = base
+        log(
+            f"checkpoints hold the LoRA adapters only; the base is re-read from "
+            f"{base['source']['path']} (fingerprint {base['fingerprint']})"
+        )
+    if init_params is not None:
+        state = _with_params(trainer, state, init_params)
     if checkpoint is not None:
         checkpointer = Checkpointer(workdir, checkpoint)
-        state = _resume(checkpointer, trainer, state, iterator, model_config, log)
-    if int(state.step) == 0 and init_params is not None:
-        state = _with_params(trainer, state, init_params)
+        state = _resume(checkpointer, trainer, state, iterator, model_config, log, base)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if is_chief:
         truncate_metrics(metrics_path, int(state.step))
@@ -388,18 +395,54 @@ def train(
     return trainer, state, last
 
 
-def _resume(checkpointer, trainer, state, iterator, model_config, log):
+def _lora_base(model_config, checkpoint, meta: dict, init_params) -> dict | None:
+    """meta["lora_base"] for an adapter-only LoRA run: {"source", "fingerprint"}; None when
+    checkpoints hold every parameter (no LoRA, no --init_from source, or turned off)."""
+    source = meta.get("init_from")
+    if not (model_config.lora_rank and init_params is not None and source and checkpoint):
+        return None
+    if not checkpoint.lora_adapters_only:
+        return None
+    return {"source": source, "fingerprint": lora.base_fingerprint(init_params)}
+
+
+def check_lora_base(saved: dict, current: dict | None, directory: str) -> None:
+    """A UserError when an adapter-only checkpoint's base is not the one given now."""
+    source = saved["source"]
+    if current is None:
+        raise UserError(
+            f"{directory} holds LoRA adapters only (checkpoint.lora_adapters_only); their base "
+            f"is {source['path']}. Pass --init_from={source['path']} to resume."
+        )
+    if current["fingerprint"] != saved["fingerprint"]:
+        raise UserError(
+            f"{directory}: the LoRA adapters were trained on a base with fingerprint "
+            f"{saved['fingerprint']} ({source['path']}), but --init_from="
+            f"{current['source']['path']} has {current['fingerprint']}: a different or changed "
+            "model. Pass the original base, or start over with --fresh."
+        )
+
+
+def _resume(checkpointer, trainer, state, iterator, model_config, log, base=None):
     """Restores the latest usable checkpoint into `state` (resharding onto this mesh).
 
     A step is usable when its metadata, parameters, optimizer state and data position all read
-    back; the newest usable one wins (see restore_latest_usable)."""
+    back; the newest usable one wins (see restore_latest_usable). An adapter-only step restores
+    the adapters over `state`'s parameters, which hold the base (`base`: this run's
+    meta["lora_base"], checked against the step's)."""
     if checkpointer.latest_step() is None:
         return state
     abstract = abstract_with_shardings(state, trainer.shardings)
 
     def restore(step):
-        _check_same_shape(checkpointer, checkpointer.read_meta(step), model_config)
-        return checkpointer.restore(step, abstract, iterator)
+        meta = checkpointer.read_meta(step)
+        _check_same_shape(checkpointer, meta, model_config)
+        if "lora_base" not in meta:
+            return checkpointer.restore(step, abstract, iterator)
+        check_lora_base(meta["lora_base"], base, checkpointer.directory)
+        only = abstract.replace(params=lora.adapter_tree(abstract.params))
+        adapters, opt_state = checkpointer.restore(step, only, iterator)
+        return lora.with_adapters(state.params, adapters), opt_state
 
     step, restored = restore_latest_usable(checkpointer, restore, log=log)
     params, opt_state = restored
@@ -431,6 +474,8 @@ def _check_same_shape(checkpointer, meta: dict, model_config: ModelConfig) -> No
         "qkv_bias",
         "tie_embeddings",
         "max_seq_len",
+        "lora_rank",
+        "lora_targets",
     }
     shape_differ = {k: v for k, v in differ.items() if k in shape_fields}
     if shape_differ:
@@ -445,7 +490,7 @@ def _check_same_shape(checkpointer, meta: dict, model_config: ModelConfig) -> No
 
 
 def _with_params(trainer, state, params):
-    """The initial state with given parameters, placed on the state's shardings. LoRA
+    """The state with given parameters, placed on the state's shardings. LoRA
     adapters the given parameters lack (a base model) keep their fresh initial values."""
     given = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
     fresh = state.params.to_pure_dict()
@@ -598,6 +643,8 @@ class _Loop:
         ):
             _check_finite(*pending)  # Never save a state whose loss is NaN.
             val_loss = (record or {}).get("val_loss")
+            if "lora_base" in self.meta:  # Adapter-only: the base is re-read from its source.
+                state = state.replace(params=lora.adapter_tree(state.params))
             checkpointer.save(
                 done,
                 state,

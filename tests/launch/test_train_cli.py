@@ -119,6 +119,7 @@ def test_train_cli_end_to_end(corpus, tmp_path):
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert "template audit: 40 of 40 conversations ok" in tuned.stdout
     assert "LoRA rank 8 (alpha 16)" in tuned.stdout
+    assert "checkpoints hold the LoRA adapters only" in tuned.stdout
     records = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").open()]
     assert records[0]["step"] == 0 and "step 0 (initial weights): val" in tuned.stdout
     # (Full fine-tuning of this 2-layer model gets under 0.8x in these 12 steps.)

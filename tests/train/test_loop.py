@@ -138,3 +138,92 @@ def test_truncating_metrics_replaces_the_file_atomically(tmp_path, monkeypatch):
     assert [r["step"] for r in _metrics(path)] == [1, 2]
     assert os.listdir(tmp_path) == ["metrics.jsonl"]
     assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+def _tree_size(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_a_lora_run_saves_only_adapters_resumes_over_its_base_and_loads(data_dir, tmp_path):
+    import jax
+    from flax import nnx
+
+    from research.checkpoint import load_model
+    from research.checkpoint.pretrained import Pretrained, load_pretrained, save_as_run
+    from research.model import Decoder, lora
+
+    def base_run(directory, seed):
+        params = nnx.state(Decoder(MODEL, rngs=nnx.Rngs(seed)), nnx.Param)
+        source = {"format": "cirrus", "path": str(directory)}
+        save_as_run(str(directory), Pretrained(MODEL, params, source, None), log=lambda _: None)
+
+    def load(directory):  # Afresh for each run: training donates (consumes) init_params.
+        return load_pretrained(str(directory), log=lambda _: None).params
+
+    base_run(tmp_path / "base", 0)
+    base_run(tmp_path / "other", 1)
+    config = TrainConfig(
+        num_steps=6, batch_size=8, seq_len=32, log_every=1, eval_every=0,
+        learning_rate=1e-2, peak_flops_per_device=1e11,
+    )  # fmt: skip
+    model = MODEL.replace(lora_rank=4, lora_targets=("q_proj", "v_proj"))
+    checkpoint = CheckpointConfig(save_every=2, keep=5, async_save=False)
+    meta = {"init_from": {"format": "cirrus", "path": str(tmp_path / "base")}}
+    run = dict(data_dir=data_dir, checkpoint=checkpoint, meta=meta, log=lambda _: None)
+    _, reference, _ = train(
+        model, config, workdir=str(tmp_path / "ref"), init_params=load(tmp_path / "base"), **run
+    )
+
+    # Stopped at step 4, then resumed over the base read again: the same run as without a stop.
+    workdir = tmp_path / "run"
+    notice = PreemptionNotice()
+    stop_at_4 = lambda line: setattr(notice, "requested", line.startswith("step 4/"))
+    with pytest.raises(Preempted):
+        train(model, config, workdir=str(workdir), init_params=load(tmp_path / "base"),
+              preemption=notice,
+              **dict(run, log=stop_at_4))  # fmt: skip
+    # The step holds the adapters alone: a fraction of the base's bytes.
+    saved = _tree_size(workdir / "ckpt" / "4" / "params")
+    assert saved < 0.3 * _tree_size(tmp_path / "base" / "ckpt" / "0" / "params")
+    with pytest.raises(UserError, match="LoRA adapters only.*--init_from="):
+        train(model, config, workdir=str(workdir), **run)
+    with pytest.raises(UserError, match="fingerprint"):
+        train(model, config, workdir=str(workdir), init_params=load(tmp_path / "other"), **run)
+    lines = []
+    _, resumed, _ = train(
+        model,
+        config,
+        workdir=str(workdir),
+        init_params=load(tmp_path / "base"),
+        **dict(run, log=lines.append),
+    )
+    assert "resumed from step 4" in "\n".join(lines)
+    for got, want in zip(
+        jax.tree.leaves(resumed.params.to_pure_dict()),
+        jax.tree.leaves(reference.params.to_pure_dict()),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+    # load_model puts the adapters back on the base; a base that moved is named, and found
+    # again through CIRRUS_LORA_BASE.
+    loaded = load_model(str(workdir), log=lambda _: None)
+    assert loaded.step == 6 and loaded.model_config.lora_rank == 4
+    for got, want in zip(
+        jax.tree.leaves(loaded.params.to_pure_dict()),
+        jax.tree.leaves(resumed.params.to_pure_dict()),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert lora.trainable_count(loaded.params)[0] > 0
+    (tmp_path / "base").rename(tmp_path / "moved")
+    with pytest.raises(UserError, match="CIRRUS_LORA_BASE"):
+        load_model(str(workdir), log=lambda _: None)
+    os.environ["CIRRUS_LORA_BASE"] = str(tmp_path / "other")
+    try:
+        with pytest.raises(UserError, match="fingerprint"):
+            load_model(str(workdir), log=lambda _: None)
+        os.environ["CIRRUS_LORA_BASE"] = str(tmp_path / "moved")
+        assert load_model(str(workdir), log=lambda _: None).step == 6
+    finally:
+        del os.environ["CIRRUS_LORA_BASE"]
