@@ -5,13 +5,15 @@ fp32, HF transformers generate (fp32) and llama.cpp, all in the same run.
   .venv/bin/python bench/compress.py [--eval_tokens 32768] [--reps 5] [--rounds 2] [--no_peers]
 
 Quality (research/compression/evaluate.py, windows of 512, second half scored): int8 in
-groups of 32 (the shipped recipe) and per output channel; int4 (symmetric, Q4_0's grid) g32
-and int4_asym (scale + min, Q4_1's grid) g32 and g64, each round-to-nearest and GPTQ
-(calibrated on the bundled corpus); llama.cpp's Q8_0 / Q4_0 / Q4_1 made by the `gguf`
-package's quantizers; the 20-layer model healed for --distill_steps by distillation and by
-cross-entropy alone (same data, steps, init). The headline int4 figures are those of the
-shipped recipes (configs/compress/smollm2_int4.gin and smollm2_int4_gptq.gin: their quant,
-group and method). Speed: greedy decode tokens/s at batch 1 through the serving Sampler
+groups of 32 (round-to-nearest and GPTQ; the shipped recipe
+configs/compress/smollm2_int8.gin makes the GPTQ one, whose figures are the headline int8_*)
+and per output channel; int4 (symmetric, Q4_0's grid) g32 and int4_asym (scale + min, Q4_1's
+grid) g32 and g64, each round-to-nearest and GPTQ (calibrated on the bundled corpus);
+llama.cpp's Q8_0 / Q4_0 / Q4_1 made by the `gguf` package's quantizers; the 20-layer model
+healed for --distill_steps by distillation and by cross-entropy alone (same data, steps,
+init). The headline int4 figures are those of the shipped recipes
+(configs/compress/smollm2_int4.gin and smollm2_int4_gptq.gin: their quant, group and
+method). Speed: greedy decode tokens/s at batch 1 through the serving Sampler
 (research/compression/speed.py: 16-token prompt, 64 new tokens), the median of --reps, best
 of --rounds (rounds interleave the models, so load from a neighbour hits all alike). Depth:
 SmolLM2 pruned from 30 to 20 layers by layer influence, decode speed over the original. The
@@ -49,7 +51,8 @@ from research.compression import (  # noqa: E402
 from research.compression.config import CompressConfig  # noqa: E402
 
 NEW = 64
-# The shipped int4 recipes: the headline figures are of the models they make.
+# The shipped recipes: the headline figures are of the models they make.
+INT8_RECIPE = "configs/compress/smollm2_int8.gin"
 RTN_RECIPE = "configs/compress/smollm2_int4.gin"
 GPTQ_RECIPE = "configs/compress/smollm2_int4_gptq.gin"
 # int4 forms measured, each round-to-nearest and by GPTQ: (quant, group).
@@ -115,7 +118,7 @@ def main():
     start = time.perf_counter()
     hessians = gptq.collect_hessians(reference.graphdef, reference.params, batches, log=_log)
     hessians_s, gptq_s = time.perf_counter() - start, {}
-    for quant, group in INT4_FORMS:
+    for quant, group in (("int8", 32), *INT4_FORMS):
         start = time.perf_counter()
         overrides = gptq.gptq_overrides(config, params, hessians, quant, group, log=_log)
         name = model_name(quant, group, "gptq")
@@ -123,7 +126,9 @@ def main():
             *quantize.quantize_params(config, params, quant, group, overrides=overrides)
         )
         gptq_s[name] = time.perf_counter() - start
-    missing = {rtn_name, gptq_name} - set(models)
+    # RTN int8 g32 is "int8" here; GPTQ's loop names its twin "int8_g32_gptq".
+    int8_name = {"int8_g32": "int8"}.get(recipe_model(INT8_RECIPE), recipe_model(INT8_RECIPE))
+    missing = {rtn_name, gptq_name, int8_name} - set(models)
     if missing:
         sys.exit(f"the int4 recipes make {sorted(missing)}; add their form to INT4_FORMS")
     importance = prune.layer_importance(reference.graphdef, reference.params, batches[:4])
@@ -200,15 +205,17 @@ def main():
         "decode_rounds": speeds,
         "peers": peers,
         "weight_ratio": sizes,
+        "int8_recipe": int8_name,  # GPTQ's speed is its RTN twin's: the same stored form.
         "int8_ratio_vs_fp32_b1": ratio(best["int8"], best["fp32"]),
         "int8_ratio_vs_hf_b1": ratio(best["int8"], hf),
         "int4_recipes": {"rtn": rtn_name, "gptq": gptq_name},
         "int4_ratio_vs_fp32_b1": ratio(rtn_speed, best["fp32"]),
         "int4_ratio_vs_llama_cpp": ratio(rtn_speed, llama),
         "int4_asym_over_int4_speed": ratio(best["int4_asym_g32"], best["int4_g32"]),
-        "int8_dppl": quality["int8"]["dppl_pct"],
-        "int8_kl": quality["int8"]["kl"],
-        "int8_top1": quality["int8"]["top1"],
+        "int8_dppl": quality[int8_name]["dppl_pct"],
+        "int8_kl": quality[int8_name]["kl"],
+        "int8_top1": quality[int8_name]["top1"],
+        "int8_rtn_top1": quality["int8"]["top1"],
         "int4_rtn_kl_over_q4_0": quality[rtn_name]["kl"] / q4_0_kl,
         "int4_kl_over_q4_0": quality[gptq_name]["kl"] / q4_0_kl,
         "kl_over_q4_0": {name: quality[name]["kl"] / q4_0_kl for name in candidates},
