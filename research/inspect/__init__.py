@@ -3,8 +3,8 @@ the one HTML page that shows them (`python -m launch.inspect`).
 
 probe.py: `inspect_prompt` -> Inspection (NumPy arrays captured from the real Decoder with
 NNX's sow / perturb); compare.py: `compare` two models of one vocabulary -> Comparison (KL
-per position, top-1 changes); document.py: both as one JSON document; page.py: the
-document as a self-contained HTML page.
+per position, top-1 changes); document.py: both as one JSON document; page.py (+ page_assets.py,
+its CSS and script): the document as a self-contained HTML page.
 """
 
 from research.inspect.compare import (
