@@ -31,6 +31,11 @@ $(VENV)/.test-ok: $(VENV)/.runtime-ok requirements-test.txt
 		apt-get install -y -q nginx >/dev/null 2>&1 || \
 		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nginx >/dev/null 2>&1) || \
 		echo "warning: nginx could not be installed; tests/serving/test_load_balancer.py will skip"
+	# Headless Chromium (Debian's package) renders launch.inspect's page; where apt-get cannot run, that test skips.
+	command -v chromium >/dev/null || \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+		echo "warning: chromium could not be installed; tests/launch/test_inspect_cli.py's render test will skip"
 	touch $@
 
 venv: $(VENV)/.runtime-ok

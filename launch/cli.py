@@ -108,9 +108,10 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def guarded(main):
+def guarded(main, *, logs_in_workdir: bool = True):
     """Wraps an absl main: a UserError prints its message and exits 1; crashes never exit 255.
-    Logging is set up first (`setup_logging`)."""
+    Logging is set up first (`setup_logging`); `logs_in_workdir=False` for entry points whose
+    --workdir is only read (nothing is created there; INFO logs stay off the console)."""
 
     def wrapper(argv):
         try:
@@ -118,6 +119,7 @@ def guarded(main):
             if entry == "__main__":
                 entry = os.path.splitext(os.path.basename(sys.argv[0]))[0]
             workdir = WORKDIR.value if WORKDIR.present or WORKDIR.value else None
+            workdir = workdir if logs_in_workdir else None
             setup_logging(entry, workdir)
             return main(argv)
         except UserError as error:

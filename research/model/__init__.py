@@ -14,6 +14,7 @@ the compute dtype (`ModelConfig.dtype`) at use.
 from research.model.attention import (
     Attention,
     Segments,
+    attention_with_weights,
     causal_attention,
     dot_product_attention,
     make_attention_mask,
@@ -40,6 +41,7 @@ __all__ = [
     "Segments",
     "SwiGLU",
     "apply_rope",
+    "attention_with_weights",
     "causal_attention",
     "count_params",
     "dot_product_attention",

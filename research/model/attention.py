@@ -105,6 +105,26 @@ def dot_product_attention(
     return _attention(q_btkgh, k_bskh, v_bskh, mask_bts, True).reshape(b, t, n, h)
 
 
+def attention_with_weights(
+    q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`dot_product_attention` in one piece (no query blocks, plain autodiff), also returning
+    its softmax weights, which the fused paths never keep: for inspection.
+
+    Args and output as `dot_product_attention`; the second result is [B, N, T, S] float32
+    weights, query heads expanded (head n reads kv head n // G), every row summing to one.
+    """
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q_btnh = q_btnh * jnp.asarray(h**-0.5, q_btnh.dtype)
+    grouped = k != n
+    q = q_btnh.reshape(b, t, k, n // k, h) if grouped else q_btnh
+    out, (*_, probs) = _attention_forward(q, k_bskh, v_bskh, mask_bts, grouped)
+    if grouped:  # [B, K, T, G, S] -> [B, K, G, T, S] -> [B, N, T, S] (n = k G + g).
+        probs = probs.transpose(0, 1, 3, 2, 4).reshape(b, n, t, -1)
+    return out.reshape(b, t, n, h), probs
+
+
 def causal_attention(
     q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, mask_btt: jax.Array
 ) -> jax.Array:
@@ -204,6 +224,10 @@ class Attention(nnx.Module):
       kernel_init: initializer of the q, k, v kernels.
       out_init: initializer of the o kernel (a residual projection).
       dtype: compute dtype.
+
+    `capture_weights` (off unless an inspector sets it on a merged model): compute with
+    `attention_with_weights` and sow the [B, N, T, T] softmax weights as
+    `nnx.Intermediate` "weights" (read them with `nnx.capture`). Off, nothing is stored.
     """
 
     def __init__(
@@ -226,6 +250,7 @@ class Attention(nnx.Module):
     ):
         self.rope_theta = rope_theta
         self.rope_scaling = rope_scaling
+        self.capture_weights = False
         into = dict(
             in_axes=("embed",),
             use_bias=use_bias or qkv_bias,
@@ -276,4 +301,10 @@ class Attention(nnx.Module):
         mask_bts: [B, T, T] bool and causal (`make_attention_mask`).
         """
         q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd, positions_bt)
+        if self.capture_weights:
+            if isinstance(mask_bts, Segments):
+                mask_bts = mask_bts.block(0, x_btd.shape[1])
+            y_btnh, weights_bntt = attention_with_weights(q_btnh, k_btkh, v_btkh, mask_bts)
+            self.sow(nnx.Intermediate, "weights", weights_bntt)
+            return self.project_out(y_btnh)
         return self.project_out(causal_attention(q_btnh, k_btkh, v_btkh, mask_bts))

@@ -126,10 +126,18 @@ class Decoder(nnx.Module):
     A KV-cache sampler reuses the pieces: `embed`, then per block `attention_norm`,
     `attention.project_qkv` / `dot_product_attention` over its cache / `attention.project_out`,
     `mlp_norm` and `mlp` (each added to the residual), then `unembed`.
+
+    `capture_residual` (off unless an inspector sets it on a merged model, see
+    research/inspect/): `features` sows the residual stream as `nnx.Intermediate`
+    "residual" (the embeddings, then each block's output: L + 1 [B, T, D] arrays) and passes
+    the embeddings through `perturb("embeddings")`, so `nnx.capture` reads them and a
+    gradient with respect to them. Remat is skipped while anything is captured. Off, nothing
+    is stored.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.capture_residual = False
         dtype = jnp.dtype(config.dtype)
         init = _initializer(config.init, config.init_std)
         quant = dict(quant=config.quant, quant_group=config.quant_group)
@@ -203,16 +211,23 @@ class Decoder(nnx.Module):
         else:
             mask_bts = make_attention_mask(segment_ids_bt)
         x_btd = self.embed(tokens_bt, positions_bt)
+        if self.capture_residual:
+            x_btd = self.perturb("embeddings", x_btd)
+            self.sow(nnx.Intermediate, "residual", x_btd)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
         def run_block(block, x_btd, positions_bt, mask_bts):
             return block(x_btd, positions_bt, mask_bts)
 
-        if self.config.remat != "none":
+        # nnx.remat would hide what is sown and perturbed inside it; inspection needs no remat.
+        capturing = self.capture_residual or any(b.attention.capture_weights for b in self.layers)
+        if self.config.remat != "none" and not capturing:
             run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[self.config.remat])
         for block in self.layers:
             x_btd = run_block(block, x_btd, positions_bt, mask_bts)
+            if self.capture_residual:
+                self.sow(nnx.Intermediate, "residual", x_btd)
         return x_btd
 
     def embed(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:

@@ -60,25 +60,33 @@ def mask(segment_ids):
     return out
 
 
-def attention(x, p, positions, mask_bts, rope_theta):
-    """Grouped-query attention with one loop over query heads; head n uses kv head n // G."""
+def attention(x, p, positions, mask_bts, rope_theta, weights=None):
+    """Grouped-query attention with one loop over query heads; head n uses kv head n // G.
+
+    weights: a list that gets this layer's softmax weights [B, N, T, S] appended, or None."""
     q, k, v = dense(x, p["q_proj"]), dense(x, p["k_proj"]), dense(x, p["v_proj"])
     if rope_theta is not None:
         q, k = rope(q, positions, rope_theta), rope(k, positions, rope_theta)
     n, kv_heads, h = q.shape[2], k.shape[2], q.shape[3]
     out = np.zeros_like(q)
+    all_probs = np.zeros((q.shape[0], n, q.shape[1], k.shape[1]))
     for head in range(n):
         kv = head // (n // kv_heads)
         logits = np.einsum("bth,bsh->bts", q[:, :, head], k[:, :, kv]) / np.sqrt(h)
         logits = np.where(mask_bts, logits, -np.inf)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
+        all_probs[:, head] = probs
         out[:, :, head] = np.einsum("bts,bsh->bth", probs, v[:, :, kv])
+    if weights is not None:
+        weights.append(all_probs)
     return dense(out, p["o_proj"], contract=2)
 
 
-def decoder(params, config, tokens, positions, segment_ids):
-    """Full forward from a nested dict of the Decoder's parameters. Returns [B, T, V] logits."""
+def decoder(params, config, tokens, positions, segment_ids, weights=None):
+    """Full forward from a nested dict of the Decoder's parameters. Returns [B, T, V] logits.
+
+    weights: a list that gets each layer's attention weights [B, N, T, T] appended, or None."""
 
     def norm(x, p):
         if config.norm == "rmsnorm":
@@ -94,7 +102,7 @@ def decoder(params, config, tokens, positions, segment_ids):
     for i in range(config.num_layers):
         p = params["layers"][i]
         x = x + attention(
-            norm(x, p["attention_norm"]), p["attention"], positions, mask_bts, rope_theta
+            norm(x, p["attention_norm"]), p["attention"], positions, mask_bts, rope_theta, weights
         )
         mlp = swiglu if config.mlp_activation == "swiglu" else gelu_mlp
         x = x + mlp(norm(x, p["mlp_norm"]), p["mlp"])
