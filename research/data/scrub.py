@@ -1,6 +1,7 @@
 """PII and secret scrubbing: e-mail addresses, phone numbers, IP addresses, card numbers and
 secrets become typed placeholders. Data preparation runs it before the tokenizer is trained
-(clean.py); the server runs it over prompts and completions it is asked to log.
+(clean.py); the server runs it, with its own API keys added, over the prompts and completions
+it logs under --log_prompts (research/serving/http/endpoints.py).
 
     scrubber = Scrubber(kinds=KINDS, patterns=(("employee_id", r"EMP-\\d{6}"),))
     text, counts = scrubber.scrub(text)       # counts: {"email": 1, ...}, replacements made
@@ -271,6 +272,17 @@ class Scrubber:
 
     def __call__(self, text: str) -> str:
         return self.scrub(text)[0]
+
+    def redact(self, value):
+        """`value` with every string inside it scrubbed (dicts, lists and tuples walked;
+        other values kept): prompts, chat messages and completions before they are logged."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {key: self.redact(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.redact(item) for item in value]
+        return value
 
 
 def add_counts(total: dict, found: dict) -> dict:
