@@ -25,9 +25,7 @@ def _serve_one_request(workdir, *flags) -> str:
     )  # fmt: skip
     try:
         client = server_fixtures.make_client(server.url, SERVER_KEY)
-        reply = client.completions.create(
-            model="run", prompt=PROMPT, max_tokens=4, temperature=0
-        )
+        reply = client.completions.create(model="run", prompt=PROMPT, max_tokens=4, temperature=0)
         assert reply.usage.completion_tokens == 4
     finally:
         assert server_fixtures.stop_server(server) == 0
