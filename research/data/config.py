@@ -147,7 +147,10 @@ class DataConfig:
         fields["sources"] = [_absolute(source) for source in self.sources]
         fields["tokenizer_path"] = _absolute(self.tokenizer_path) if self.tokenizer_path else ""
         fields["format_version"] = FORMAT_VERSION
-        fields["scrub_version"] = scrub.VERSION  # Changed patterns change the data.
+        if self.scrub_kinds or self.scrub_patterns:
+            fields["scrub_version"] = scrub.VERSION  # Changed patterns change the data.
+        else:  # Unscrubbed data keys as it did before scrubbing existed: old caches stay valid.
+            del fields["scrub_kinds"], fields["scrub_patterns"]
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

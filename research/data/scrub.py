@@ -13,15 +13,16 @@ dates, times, years, versions, ISBNs, prices, hashes and plain numbers in prose 
 
 - email: local@domain.tld (a dotted domain with a 2+ letter top level).
 - phone: international (+ country code, 8-15 digits, E.164's maximum), North American
-  ((555) 123-4567, 555-123-4567, 555.123.4567: area code and exchange start 2-9, one
+  ((555) 234-5678, 555-234-5678, 555.234.5678: area code and exchange start 2-9, one
   separator throughout), and national numbers with a trunk 0 in two or more groups
-  (020 7946 0958, 01 23 45 67 89, 030/1234567: 9-12 digits).
+  (020 7946 0958, 01 23 45 67 89, 030/1234567: 9-12 digits, one separator, not a date).
+  Not matched: 7-digit local numbers (555-1234), numbers without a + or a trunk 0.
 - ip: IPv4 (four octets 0-255, not after "version", "v", "section", ...), IPv6 (anything
   Python's ipaddress accepts; a compressed form needs two groups and 4+ hex digits), also
   inside URLs. Loopback, unspecified (0.0.0.0, ::) and netmasks (255.255.255.0) stay.
-- card: 13-19 digits, alone or in groups of 4-6 split by spaces or dashes, first digit 2-6
-  (the issuer ranges of Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay) and a
-  valid Luhn check digit. A number that fails the check stays.
+- card: 13-19 digits, alone or in groups of 4-6 split by spaces or dashes, starting like a
+  card network's numbers (`_issued_range`: Visa, Mastercard, Amex, Discover, JCB, Diners,
+  UnionPay, Maestro, Mir) and with a valid Luhn check digit. A number failing either stays.
 - secret: PEM private-key blocks; AWS access key ids (AKIA..., ASIA...); GitHub tokens
   (ghp_, gho_, ghu_, ghs_, ghr_, github_pat_); OpenAI / Anthropic style sk-...; Stripe
   sk_live_ / rk_test_...; Slack xox?-...; Google API keys (AIza...); JSON Web Tokens;
@@ -90,9 +91,7 @@ _PHONE = re.compile(
     r"|\(?0\d{1,4}\)?(?:[ ./-]\d{2,8}){1,4}"  # National, trunk 0.
     r")(?![\w]|[.,/-]?\d)"
 )
-
-
-_DATE = re.compile(r"\d{1,2}([./-])\d{1,2}\1\d{2,4}\b")
+_DATE = re.compile(r"\d{1,2}([./-])\d{1,2}\1\d{2,4}\b")  # 05/06/2024: not a trunk-0 phone.
 
 
 def luhn_valid(digits: str) -> bool:

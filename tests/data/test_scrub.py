@@ -136,6 +136,9 @@ def test_scrub_settings_are_in_the_cache_key():
                    {"scrub_patterns": {"id": "ID-[0-9]+"}}):  # fmt: skip
         assert dataclasses.replace(config, **change).key() != config.key(), change
     assert DataConfig(scrub_kinds=()).scrubber() is None
+    # Scrubbing off keys data as before scrubbing existed (DataConfig().key() at commit
+    # d9210e5), so data prepared then, and runs resuming on it, keep their cache.
+    assert DataConfig(scrub_kinds=()).key() == "120b95382467f5df"
 
 
 def test_cleaning_report_counts_scrubbed_kinds():
