@@ -96,6 +96,22 @@ def setup_logging(entry: str, workdir: str | None) -> str | None:
     return path
 
 
+def show_on_console(logger_name: str) -> None:
+    """INFO records of `logger_name` reach the console (stderr) at the default verbosity:
+    `setup_logging` lets only WARNING+ through the console handler (INFO goes to the log
+    file) unless --show_library_logs, which shows them already."""
+    import logging as std_logging
+
+    logger = std_logging.getLogger(logger_name)
+    logger.setLevel(std_logging.INFO)
+    if SHOW_LIBRARY_LOGS.value:
+        return
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setLevel(std_logging.INFO)
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+
+
 def enable_compilation_cache() -> None:
     """XLA's persistent compilation cache, so a restart compiles nothing it compiled before:
     $CIRRUS_COMPILATION_CACHE, default ~/.cache/cirrus/xla ("off" turns it off)."""

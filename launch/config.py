@@ -3,7 +3,8 @@
 research/ never imports gin; this is the only place the library's dataclasses are exposed:
 `model.*` (ModelConfig), `data.*` (DataConfig), `train.*` (TrainConfig),
 `checkpoint.*` (CheckpointConfig), `eval.*` (EvalConfig), `serve.*` (EngineConfig),
-`compress.*` (CompressConfig), `dpo.*` (DPOConfig) and `apps.*` (AppConfig).
+`compress.*` (CompressConfig), `dpo.*` (DPOConfig), `apps.*` (AppConfig) and `energy.*`
+(EnergyConfig, launch.plan).
 """
 
 import os
@@ -13,6 +14,7 @@ import gin
 from research.checkpoint import CheckpointConfig
 from research.compression.config import CompressConfig
 from research.data import DataConfig
+from research.energy import EnergyConfig
 from research.errors import UserError
 from research.evaluation import AppConfig, EvalConfig
 from research.finetune import DPOConfig
@@ -31,6 +33,7 @@ _CONFIGURABLES = {
     CompressConfig: gin.external_configurable(CompressConfig, "compress"),
     DPOConfig: gin.external_configurable(DPOConfig, "dpo"),
     AppConfig: gin.external_configurable(AppConfig, "apps"),
+    EnergyConfig: gin.external_configurable(EnergyConfig, "energy"),
 }
 
 # Repository root: gin files are found relative to it (and to the working directory).
@@ -52,9 +55,9 @@ def parse(gin_files=(), gin_bindings=()) -> None:
     except (ValueError, SyntaxError, KeyError, TypeError) as error:
         raise UserError(
             f"bad gin configuration: {error}\nConfigurables are `model.*`, `data.*`, "
-            f"`train.*`, `checkpoint.*`, `eval.*`, `serve.*`, `compress.*`, `dpo.*` and "
-            f"`apps.*`; check the name and value of the binding above (see configs/base.gin for "
-            "every field)."
+            f"`train.*`, `checkpoint.*`, `eval.*`, `serve.*`, `compress.*`, `dpo.*`, "
+            f"`apps.*` and `energy.*`; check the name and value of the binding above (see "
+            "configs/base.gin for every field)."
         ) from None
 
 

@@ -2,12 +2,15 @@
 
   python -m launch.plan --gin_file=configs/base.gin --gin_file=configs/model/llama3_8b.gin \
       --tpu=v5p-64 [--mesh_shape=1,-1,1] [--mfu=0.4] [--price_per_chip_hour=4.2] [--compile] \
-      [--json]
+      [--watts_per_chip=285] [--pue=1.1] [--grid_gco2_per_kwh=475] [--json]
 
 Per-device memory (parameters, AdamW state, gradients, estimated activations) of the gin
 configuration under its mesh (train.mesh_shape, or --mesh_shape) and the sharding rules; the
 step time from model FLOPs over the slice's bf16 peak (at 100% and at --mfu); tokens per
-second, dollars per hour, tokens per dollar and the cost of train.num_steps. A configuration
+second, dollars per hour, tokens per dollar and the cost of train.num_steps; the run's energy
+(kWh: chips x typical power per chip x hours x PUE) and CO2 (kg: x the grid's gCO2/kWh), from
+research/tpu.py's power table and research/energy.py's defaults, or `energy.*` in gin, or the
+flags (which win). A configuration
 whose per-device total exceeds the chip's HBM gets a WARNING (exit code still 0; `fits` in
 --json). --compile also compiles the real train step for the mesh (one device per chip: on a
 CPU machine as many CPU devices, set here) and reports XLA's memory analysis; it is slow for
@@ -25,11 +28,14 @@ from launch import cli
 from launch import config as gin_config
 from research import plan as plan_lib
 from research import tpu as tpu_lib
+from research.energy import EnergyConfig
 from research.errors import UserError
 from research.model import ModelConfig
 from research.plan import GIB
 from research.train import TrainConfig
 
+# Flags that override the gin-bound EnergyConfig field of the same name.
+_ENERGY_FLAGS = ("watts_per_chip", "pue", "grid_gco2_per_kwh")
 # Beyond this many CPU devices a compile is impractical on one machine.
 MAX_COMPILE_DEVICES = 512
 
@@ -50,6 +56,13 @@ def _define_flags():
             "price_per_chip_hour", None, "USD per chip-hour; default: on-demand list price."
         ),
         compile=f.DEFINE_bool("compile", False, "Also compile the train step: XLA's memory."),
+        watts_per_chip=f.DEFINE_float(
+            "watts_per_chip", None, "Power per chip in W; default energy.*, then the chip table."
+        ),
+        pue=f.DEFINE_float("pue", None, "Data-center PUE; default energy.pue (1.10)."),
+        grid_gco2_per_kwh=f.DEFINE_float(
+            "grid_gco2_per_kwh", None, "Grid carbon intensity; default energy.* (475 g/kWh)."
+        ),
         json=f.DEFINE_bool("json", False, "Print the plan as JSON."),
     )
 
@@ -126,6 +139,9 @@ def format_plan(plan: plan_lib.Plan) -> str:
         f"{plan.tokens_per_dollar:,.0f} tokens per dollar",
         f"run: {plan.num_steps} steps = {_duration(plan.run_hours * 3600)}, "
         f"${plan.run_hours * plan.cost_per_hour:,.2f}",
+        f"energy: {plan.tpu.chips} chips x {plan.watts_per_chip:.0f} W x PUE {plan.energy.pue:.2f}"
+        f" = {plan.power_kw:,.2f} kW; run {plan.run_kwh:,.1f} kWh, {plan.run_co2_kg:,.1f} kg CO2 "
+        f"at {plan.energy.grid_gco2_per_kwh:.0f} g/kWh (estimates: research/energy.py)",
     ]
     if not plan.fits:
         used = max(memory.total, (plan.compiled or {}).get("peak", 0))
@@ -163,6 +179,9 @@ def main(argv):
     gin_config.parse(cli.GIN_FILES.value, cli.GIN_BINDINGS.value)
     model_config = gin_config.build(ModelConfig)
     train_config = gin_config.build(TrainConfig)
+    energy = gin_config.build(EnergyConfig)
+    overrides = {name: v[name] for name in _ENERGY_FLAGS if v[name] is not None}
+    energy = dataclasses.replace(energy, **overrides)
     mesh_shape = cli.parse_mesh_shape(v["mesh_shape"]) if v["mesh_shape"] else None
     plan = plan_lib.make_plan(
         model_config,
@@ -171,6 +190,7 @@ def main(argv):
         mesh_shape=mesh_shape,
         mfu=v["mfu"],
         price_per_chip_hour=v["price_per_chip_hour"],
+        energy=energy,
     )
     if v["compile"]:
         import jax

@@ -39,7 +39,14 @@ API_KEYS_FILE = flags.DEFINE_string("api_keys_file", None, "File of API keys, on
 RATE_LIMIT_RPM = flags.DEFINE_integer("rate_limit_rpm", 0, "Requests per minute per key.")
 RATE_LIMIT_TPM = flags.DEFINE_integer("rate_limit_tpm", 0, "Tokens per minute per key.")
 MAX_REQUEST_KB = flags.DEFINE_integer("max_request_kb", 1024, "Largest request body (KiB).")
-LOG_PROMPTS = flags.DEFINE_bool("log_prompts", False, "Log prompt and output text.")
+LOG_PROMPTS = flags.DEFINE_bool(
+    "log_prompts",
+    False,
+    "Log each request's prompt and output text on the console (and WORKDIR/logs/serve.log), "
+    "redacted: the server's API keys, bearer / API-key-like tokens, e-mail addresses, phone "
+    "numbers, IP addresses and card numbers become placeholders. Off: only request ids and "
+    "token counts, in the log file.",
+)
 MESH_SHAPE = flags.DEFINE_string(
     "mesh_shape", None, "(data, fsdp, tensor) mesh for tensor-parallel serving, e.g. 1,1,2."
 )
@@ -87,6 +94,7 @@ def main(argv):
     import uvicorn
 
     from research.serving.engine import ServingMetrics
+    from research.serving.http.endpoints import PROMPT_LOGGER
     from research.serving.http.server import create_app
 
     cli.enable_compilation_cache()
@@ -119,6 +127,9 @@ def main(argv):
         f"chat template {'from the tokenizer' if loaded.chat_template else 'default ChatML'}; "
         f"http://{HOST.value}:{PORT.value}/v1 (ready once compiled: GET /ready)"
     )
+    if LOG_PROMPTS.value:
+        cli.show_on_console(PROMPT_LOGGER)
+        _log("--log_prompts: prompts and completions are logged, redacted (scrubbed PII, keys)")
     if not api_keys and HOST.value not in ("127.0.0.1", "localhost", "::1"):
         _log(
             f"warning: listening on {HOST.value} without API keys: anyone who reaches the port "

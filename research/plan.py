@@ -7,7 +7,8 @@ activations estimated from the model's shapes, the per-device batch, the sequenc
 the remat policy (`activation_bytes`); optionally the compiled train step's memory analysis
 (`compiled_memory`, which needs as many devices as the mesh). Time and money: model FLOPs per
 step (research.model.flops_per_token) over the slice's peak at an assumed MFU, and the chip's
-price.
+price. Energy and CO2: the chips' typical power over the run's hours, times the PUE and the
+grid's carbon intensity (research/energy.py).
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
+from research import energy as energy_lib
 from research import sharding
 from research import tpu as tpu_lib
 from research.errors import UserError
@@ -69,6 +71,11 @@ class Plan:
     mfu: float
     price_per_chip_hour: float
     compiled: dict | None = None
+    energy: energy_lib.EnergyConfig = energy_lib.EnergyConfig()
+
+    @property
+    def watts_per_chip(self) -> float:
+        return self.energy.watts_per_chip or self.chip.watts
 
     @property
     def tokens_per_step(self) -> int:
@@ -98,6 +105,21 @@ class Plan:
     @property
     def run_hours(self) -> float:
         return self.num_steps * self.step_time_s / 3600
+
+    @property
+    def power_kw(self) -> float:
+        """The slice's facility power: chips x watts x PUE."""
+        return energy_lib.energy_kwh(self.tpu.chips, self.watts_per_chip, 1.0, self.energy.pue)
+
+    @property
+    def run_kwh(self) -> float:
+        return energy_lib.energy_kwh(
+            self.tpu.chips, self.watts_per_chip, self.run_hours, self.energy.pue
+        )
+
+    @property
+    def run_co2_kg(self) -> float:
+        return energy_lib.co2_kg(self.run_kwh, self.energy.grid_gco2_per_kwh)
 
     @property
     def fits(self) -> bool:
@@ -135,6 +157,12 @@ class Plan:
             "num_steps": self.num_steps,
             "run_hours": self.run_hours,
             "run_cost": self.run_hours * self.cost_per_hour,
+            "watts_per_chip": self.watts_per_chip,
+            "pue": self.energy.pue,
+            "grid_gco2_per_kwh": self.energy.grid_gco2_per_kwh,
+            "power_kw": self.power_kw,
+            "run_kwh": self.run_kwh,
+            "run_co2_kg": self.run_co2_kg,
         }
 
 
@@ -313,6 +341,7 @@ def make_plan(
     mfu: float = 0.4,
     price_per_chip_hour: float | None = None,
     compiled: dict | None = None,
+    energy: energy_lib.EnergyConfig | None = None,
 ) -> Plan:
     """The plan of `train_config` (its mesh_shape unless `mesh_shape` is given) on a slice."""
     if not 0 < mfu <= 1:
@@ -355,4 +384,5 @@ def make_plan(
         if price_per_chip_hour is None
         else price_per_chip_hour,
         compiled=compiled,
+        energy=energy or energy_lib.EnergyConfig(),
     )

@@ -1,4 +1,5 @@
-"""Cloud TPU slice types and per-chip figures: what launch.pod provisions, what launch.plan prices.
+"""Cloud TPU slice types and per-chip figures: what launch.pod provisions, what launch.plan
+prices (memory, peak FLOP/s, list price, power).
 
 A slice type is gcloud's accelerator type (`v5p-64`, `v5litepod-16`, `v6e-8`, `v4-32`);
 `v5e-N` is accepted as another name of `v5litepod-N`.
@@ -28,6 +29,7 @@ class Chip:
     hbm_bytes: int
     peak_flops: float  # Dense bf16 FLOP/s.
     price_per_chip_hour: float  # On-demand US list price, USD.
+    watts: float  # Typical power per chip under training load (see the sources below).
 
 
 # Sources: cloud.google.com/tpu/docs/system-architecture-tpu-vm and the per-version pages
@@ -36,11 +38,20 @@ class Chip:
 # per chip-hour, us-central regions: v4 $3.22, v5e $1.20, v5p $4.20, v6e $2.70). Prices vary by
 # region and over time, and spot / committed use cost less: launch.plan takes
 # --price_per_chip_hour to override.
+#
+# Power (research/energy.py turns it into kWh and CO2). v4: 170 W, the mean measured over
+# production workloads in Jouppi et al., "TPU v4: An Optically Reconfigurable Supercomputer
+# for Machine Learning with Hardware Support for Embeddings", ISCA 2023 (min / mean / max
+# 90 / 170 / 192 W per chip). Google publishes no per-chip power for v5e, v5p or v6e; their
+# figures are ESTIMATES: v5e and v5p at v4's measured 0.62 W per peak bf16 TFLOP/s (v5e
+# 197 -> 120 W, v5p 459 -> 285 W), v6e from Google's statement that Trillium is 67% more
+# energy-efficient than v5e at 4.7x its peak (918 TFLOP/s x 0.62 / 1.67 -> 340 W). launch.plan
+# takes --watts_per_chip (energy.watts_per_chip) to use a measured figure instead.
 CHIPS = {
-    "v4": Chip("v4", 32 * 2**30, 275e12, 3.22),
-    "v5litepod": Chip("v5litepod", 16 * 2**30, 197e12, 1.20),
-    "v5p": Chip("v5p", 95 * 2**30, 459e12, 4.20),
-    "v6e": Chip("v6e", 32 * 2**30, 918e12, 2.70),
+    "v4": Chip("v4", 32 * 2**30, 275e12, 3.22, 170.0),
+    "v5litepod": Chip("v5litepod", 16 * 2**30, 197e12, 1.20, 120.0),
+    "v5p": Chip("v5p", 95 * 2**30, 459e12, 4.20, 285.0),
+    "v6e": Chip("v6e", 32 * 2**30, 918e12, 2.70, 340.0),
 }
 ALIASES = {"v5e": "v5litepod"}
 

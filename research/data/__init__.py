@@ -17,6 +17,7 @@ from research.data.prepare import (
     prepare_data,
     split_documents,
 )
+from research.data.scrub import Scrubber
 from research.data.shards import read_split, split_files, write_split
 from research.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -24,6 +25,7 @@ __all__ = [
     "CleanReport",
     "DataConfig",
     "PreparedData",
+    "Scrubber",
     "Tokenizer",
     "clean_documents",
     "default_corpus_documents",

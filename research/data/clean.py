@@ -1,5 +1,6 @@
 """Document cleaning: Unicode normalization, control and markup stripping, whitespace,
-length filter and exact deduplication, with a report of what each step removed.
+PII and secret scrubbing (scrub.py), length filter and exact deduplication, with a report of
+what each step removed or replaced.
 
 Each step is a plain `str -> str` function; `clean_documents` runs them in order and counts.
 """
@@ -9,6 +10,8 @@ import hashlib
 import html
 import re
 import unicodedata
+
+from research.data import scrub
 
 NORMALIZATION_FORMS = ("NFC", "NFKC", "")
 
@@ -111,6 +114,10 @@ class CleanReport:
     whitespace_chars_removed: int = 0
     characters_in: int = 0
     characters_out: int = 0
+    # Placeholders put into the kept documents, per kind (email, phone, ip, card, secret)
+    # and per extra pattern name (data.scrub_patterns); only kinds that occurred.
+    scrubbed: dict = dataclasses.field(default_factory=dict)
+    documents_scrubbed: int = 0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,28 +130,41 @@ class CleanReport:
             f"{self.documents_changed_by_normalization} changed by Unicode normalization; "
             f"characters removed: {self.control_chars_removed} control, "
             f"{self.markup_chars_removed} markup, {self.whitespace_chars_removed} whitespace; "
-            f"{self.characters_in} -> {self.characters_out} characters"
+            f"{self.characters_in} -> {self.characters_out} characters; "
+            f"scrubbed {self.documents_scrubbed} documents ({scrub.describe(self.scrubbed)})"
         )
 
 
 def clean_documents(
-    documents, min_chars: int = 64, *, normalization: str = "NFKC"
+    documents,
+    min_chars: int = 64,
+    *,
+    normalization: str = "NFKC",
+    scrubber: scrub.Scrubber | None = None,
 ) -> tuple[list[str], CleanReport]:
-    """Cleans, filters and deduplicates documents, keeping the first of each duplicate.
+    """Cleans, scrubs, filters and deduplicates documents, keeping the first of each duplicate.
 
     Args:
       documents: raw document strings.
       min_chars: cleaned documents with fewer characters are dropped.
       normalization: "NFKC", "NFC" or "" (none).
+      scrubber: replaces PII and secrets by placeholders after the text steps (before the
+        length filter and deduplication); None = no scrubbing (DataConfig.scrubber() gives
+        data preparation's, on by default).
     Returns:
       (cleaned documents in input order, CleanReport).
     """
     if normalization not in NORMALIZATION_FORMS:
         raise ValueError(f"normalization={normalization!r} is not one of {NORMALIZATION_FORMS}.")
     counts = dict.fromkeys(
-        (field.name for field in dataclasses.fields(CleanReport) if field.name != "documents_in"),
+        (
+            field.name
+            for field in dataclasses.fields(CleanReport)
+            if field.name not in ("documents_in", "scrubbed")
+        ),
         0,
     )
+    scrubbed: dict[str, int] = {}
     seen = set()
     kept = []
     documents = list(documents)
@@ -160,6 +180,9 @@ def clean_documents(
             stepped = step(text)
             counts[counter] += len(text) - len(stepped)
             text = stepped
+        found = {}
+        if scrubber is not None and text:
+            text, found = scrubber.scrub(text)
         if not text:
             counts["removed_empty"] += 1
             continue
@@ -173,5 +196,7 @@ def clean_documents(
         seen.add(digest)
         kept.append(text)
         counts["characters_out"] += len(text)
+        counts["documents_scrubbed"] += bool(found)
+        scrub.add_counts(scrubbed, found)
     counts["documents_out"] = len(kept)
-    return kept, CleanReport(documents_in=len(documents), **counts)
+    return kept, CleanReport(documents_in=len(documents), scrubbed=scrubbed, **counts)

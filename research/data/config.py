@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 
+from research.data import scrub
 from research.errors import UserError
 
 # Bump when the prepared format changes, so that old caches are not reused.
@@ -42,6 +43,12 @@ class DataConfig:
     chat_loss_mask: which tokens of a conversation are trained on: "assistant" (every
         assistant turn's content and end-of-turn token), "last" (the last assistant turn
         only) or "all".
+    scrub_kinds: PII and secrets replaced by placeholders before the tokenizer is trained
+        (research/data/scrub.py): any of "email" (<EMAIL>), "phone" (<PHONE>), "ip" (<IP>),
+        "card" (<CARD>), "secret" (<SECRET>); all by default, () = no scrubbing. Chat data:
+        every message's content.
+    scrub_patterns: extra {name: Python regex}; each match becomes <NAME> (upper-cased),
+        counted under `name` in the cleaning report. Applied before the built-in kinds.
     """
 
     sources: tuple[str, ...] = ()
@@ -56,6 +63,8 @@ class DataConfig:
     cache_dir: str = ""
     format: str = "text"
     chat_loss_mask: str = "assistant"
+    scrub_kinds: tuple[str, ...] = scrub.KINDS
+    scrub_patterns: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         sources = self.sources
@@ -106,6 +115,21 @@ class DataConfig:
                 f"data.chat_loss_mask={self.chat_loss_mask!r} is not one of 'assistant' (every "
                 "assistant turn), 'last' (the last assistant turn) or 'all'."
             )
+        kinds = (self.scrub_kinds,) if isinstance(self.scrub_kinds, str) else self.scrub_kinds
+        unknown = [kind for kind in kinds if kind not in scrub.KINDS]
+        if unknown or not isinstance(kinds, (tuple, list)):
+            raise UserError(
+                f"data.scrub_kinds={self.scrub_kinds!r} names unknown kinds {unknown}; choose "
+                f"from {scrub.KINDS} (e.g. data.scrub_kinds = ('email', 'secret')), or set "
+                "data.scrub_kinds = () to turn scrubbing off."
+            )
+        # In KINDS order: the same set is the same key.
+        object.__setattr__(self, "scrub_kinds", tuple(k for k in scrub.KINDS if k in kinds))
+        try:
+            patterns = scrub.compile_patterns(self.scrub_patterns)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        object.__setattr__(self, "scrub_patterns", patterns)
         if self.num_shards < 1:
             raise UserError(
                 f"data.num_shards={self.num_shards} must be at least 1; use about one shard "
@@ -123,8 +147,17 @@ class DataConfig:
         fields["sources"] = [_absolute(source) for source in self.sources]
         fields["tokenizer_path"] = _absolute(self.tokenizer_path) if self.tokenizer_path else ""
         fields["format_version"] = FORMAT_VERSION
+        if self.scrub_kinds or self.scrub_patterns:
+            fields["scrub_version"] = scrub.VERSION  # Changed patterns change the data.
+        else:  # Unscrubbed data keys as it did before scrubbing existed: old caches stay valid.
+            del fields["scrub_kinds"], fields["scrub_patterns"]
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def scrubber(self) -> scrub.Scrubber | None:
+        """The data.scrub_* settings as a Scrubber; None when nothing is to be scrubbed."""
+        scrubber = scrub.Scrubber(self.scrub_kinds, self.scrub_patterns)
+        return scrubber if scrubber.active else None
 
     def cache_root(self) -> str:
         """The directory under which prepared data lives as `<cache_root>/<key>/`."""

@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-from research.data import shards
+from research.data import scrub, shards
 from research.data.clean import clean_documents
 from research.data.config import FORMAT_VERSION, DataConfig
 from research.data.corpus import default_corpus_documents, read_documents
@@ -127,7 +127,7 @@ def prepare_data(config: DataConfig, out_dir: str | None = None, *, log=print) -
     else:
         documents = default_corpus_documents()
         log(f"data: read {len(documents)} scenes of the bundled Shakespeare corpus")
-    cleaned, report = clean_documents(documents, config.min_chars)
+    cleaned, report = clean_documents(documents, config.min_chars, scrubber=config.scrubber())
     log(f"data: {report}")
     if not cleaned:
         raise UserError(
@@ -334,15 +334,22 @@ def _prepare_chat(config: DataConfig, out_dir: str, log) -> PreparedData:
     else:
         raw = default_chat_conversations()
         log(f"data: read {len(raw)} English dialogs of the chatterbot-corpus package")
-    conversations, seen = [], set()
+    conversations, seen, scrubbed = [], set(), {}
+    scrubber = config.scrubber()
     for where, messages in raw:
         messages = check_conversation(messages, where)
+        if scrubber is not None:
+            for message in messages:  # check_conversation's copies.
+                message["content"], found = scrubber.scrub(message["content"])
+                scrub.add_counts(scrubbed, found)
         key = json.dumps(messages, sort_keys=True)
         if key not in seen:
             seen.add(key)
             conversations.append(messages)
     if not conversations:
         raise UserError("data.sources: no conversations found; add JSONL chat files.")
+    if scrubber is not None:
+        log(f"data: scrubbed {scrub.describe(scrubbed)}")
     tokenizer = Tokenizer.load(config.tokenizer_path)
     source = read_chat_template(config.tokenizer_path)
     template = ChatTemplate(tokenizer, source)
@@ -388,7 +395,8 @@ def _prepare_chat(config: DataConfig, out_dir: str, log) -> PreparedData:
     }
     write = functools.partial(
         _write, config=config, tokenizer=tokenizer, splits=splits,
-        report={"conversations_in": len(raw), "duplicates": len(raw) - len(conversations)},
+        report={"conversations_in": len(raw), "duplicates": len(raw) - len(conversations),
+                "scrubbed": scrubbed},
         num_read=len(raw), log=log, encoded=encoded, extra=extra,
     )  # fmt: skip
     return _build(out_dir, write, log)

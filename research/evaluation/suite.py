@@ -37,14 +37,21 @@ class EvalConfig:
     choice_tasks: tuple[str, ...] = ()  # Multiple-choice JSONL files (context, choices, answer).
     generation_tasks: tuple[str, ...] = ()  # Generation JSONL files (prompt, answer).
     max_new_tokens: int = 32  # Per generation-task answer (greedy, stops at a newline).
-    num_slots: int = 8  # Sampler slots for generation tasks.
+    num_slots: int = 8  # Sampler slots for generation tasks (and the memorisation check).
     seed: int = 0
+    # launch.eval's memorisation check (memorization.py): windows drawn with `seed` from the
+    # run's train split, greedy continuation of the prefix, exact match of the suffix.
+    memorization_snippets: int = 32  # Windows checked (0 = off).
+    memorization_prefix: int = 32  # Tokens given to the model.
+    memorization_suffix: int = 32  # Tokens it must reproduce.
 
     def __post_init__(self):
-        for name in ("seq_len", "stride", "max_documents", "cloze_items", "seed"):
+        names = ("seq_len", "stride", "max_documents", "cloze_items", "seed")
+        for name in (*names, "memorization_snippets"):
             if getattr(self, name) < 0:
                 raise UserError(f"eval.{name}={getattr(self, name)} must be >= 0.")
-        for name in ("batch_size", "max_new_tokens", "num_slots"):
+        for name in ("batch_size", "max_new_tokens", "num_slots", "memorization_prefix",
+                     "memorization_suffix"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise UserError(f"eval.{name}={getattr(self, name)} must be >= 1.")
         if self.cloze_choices < 2:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from research.data import clean_documents, default_corpus_documents, read_documents
+from research.data import DataConfig, clean_documents, default_corpus_documents, read_documents
 from research.errors import UserError
 
 
@@ -15,8 +15,9 @@ def test_default_corpus_is_hundreds_of_scenes_and_cleans():
     assert documents[0].startswith("# A Midsummer Night's Dream\n\n## ACT I\n\n### SCENE I.")
     assert all(doc.startswith("# ") for doc in documents)
     assert sum(map(len, documents)) > 4_000_000
-    cleaned, report = clean_documents(documents, min_chars=64)
+    cleaned, report = clean_documents(documents, min_chars=64, scrubber=DataConfig().scrubber())
     assert report.documents_out == len(cleaned) > 700
+    assert report.scrubbed == {}  # The default scrubbing replaces nothing in Shakespeare.
     assert cleaned[0].startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I.")
     assert "**" not in cleaned[0] and "\nTHESEUS\nNow, fair Hippolyta" in cleaned[0]
 

@@ -13,7 +13,9 @@ from launch import cli
 from launch import config as gin_config
 from launch import plan as plan_cli
 from launch.config import ROOT
+from research import energy as energy_lib
 from research import plan, sharding, tpu
+from research.energy import EnergyConfig
 from research.errors import UserError
 from research.model import ModelConfig, count_params
 from research.train import TrainConfig
@@ -151,6 +153,24 @@ def test_step_time_and_cost_match_a_hand_computation():
     assert custom.cost_per_hour == pytest.approx(6.0)
 
 
+def test_energy_and_co2_match_a_hand_computation():
+    result = plan.make_plan(TINY, TRAIN.replace(num_steps=500), tpu.lookup("v5p-8"), mfu=0.5)
+    hours = 500 * (8 * 64 * 739_200 / (4 * 459e12)) / 0.5 / 3600
+    # v5p-8: 4 chips x 285 W (research/tpu.py) x PUE 1.10 = 1.254 kW at the defaults.
+    assert result.watts_per_chip == 285.0 and result.power_kw == pytest.approx(1.254)
+    assert result.run_kwh == pytest.approx(1.254 * hours, rel=1e-12)
+    assert result.run_co2_kg == pytest.approx(1.254 * hours * 475 / 1000, rel=1e-12)
+    # A measured power, another data center and grid: 4 x 300 W x 1.5 = 1.8 kW; 50 g/kWh.
+    energy = EnergyConfig(watts_per_chip=300.0, pue=1.5, grid_gco2_per_kwh=50.0)
+    custom = plan.make_plan(TINY, TRAIN, tpu.lookup("v5p-8"), energy=energy)
+    assert custom.power_kw == pytest.approx(1.8)
+    assert custom.run_co2_kg == pytest.approx(custom.run_hours * 1.8 * 50 / 1000)
+    assert energy_lib.energy_kwh(32, 170.0, 10.0, 1.1) == pytest.approx(59.84)  # v4-64, 10 h
+    assert energy_lib.co2_kg(59.84, 475.0) == pytest.approx(28.424)
+    with pytest.raises(UserError, match=r"energy.pue=0.9 \(--pue\) must be >= 1"):
+        EnergyConfig(pue=0.9)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -205,13 +225,19 @@ def test_cli_json_with_compiled_memory():
     assert compiled["arguments"] == memory["params"] + memory["optimizer"] + 2 * 64 * 20
     assert report["fits"] is True
     assert report["flops_per_token"] == 739_200
+    assert report["pue"] == 1.1 and report["watts_per_chip"] == 285.0
+    assert report["run_co2_kg"] == pytest.approx(report["run_kwh"] * 475 / 1000)
 
 
 def test_cli_table_warns_and_errors():
     llama = ["--gin_file=configs/base.gin", "--gin_file=configs/model/llama3_8b.gin"]
-    result = _plan_cli(*llama, "--tpu=v5e-8")
+    # Energy settings: gin's energy.*, and the flags over it.
+    energy = ["--gin_bindings=energy.pue = 1.5", "--watts_per_chip=100", "--grid_gco2_per_kwh=0"]
+    result = _plan_cli(*llama, "--tpu=v5e-8", *energy)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "per-device memory" in result.stdout and "tokens per dollar" in result.stdout
+    assert "energy: 8 chips x 100 W x PUE 1.50 = 1.20 kW;" in result.stdout
+    assert " kWh, 0.0 kg CO2 at 0 g/kWh" in result.stdout
     assert "WARNING: does not fit" in result.stdout and "v5litepod-8" in result.stdout
     unknown = _plan_cli(*TINY_FLAGS, "--tpu=v5p-7")
     assert unknown.returncode == 1

@@ -87,7 +87,13 @@ def test_eval_writes_json_and_markdown_reports(trained, tmp_path):
     report = json.loads((trained / "eval_report.json").read_text())
     metrics = report["metrics"]
     assert {"validation/loss", "validation/bits_per_byte", "task/accuracy"} <= set(metrics)
-    assert report["config"]["stride"] == 16
+    # The memorisation check on 32 windows of the train split (32 + 32 tokens: the context).
+    assert metrics["memorization/snippets"] == 32 and metrics["memorization/suffix_tokens"] == 32
+    assert 0 <= metrics["memorization/exact_fraction"] <= 1
+    assert (
+        "memorisation: " in result.stderr and "| memorization | exact_fraction |" in result.stdout
+    )
+    assert report["config"]["stride"] == 16 and report["config"]["memorization_prefix"] == 32
     assert "| validation | bits_per_byte |" in (trained / "eval_report.md").read_text()
     assert "| task | accuracy |" in result.stdout
 
@@ -114,6 +120,16 @@ def test_bad_flags_exit_1_with_a_message(module, args, fragment, tmp_path):
     result = run_module(module, [f"--workdir={tmp_path}", *args], timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_memorisation_without_a_training_split_is_a_user_error(tmp_path):
+    from tests.serving.server_fixtures import write_tiny_workdir
+
+    workdir = write_tiny_workdir(tmp_path / "imported")  # A run with no prepared data.
+    result = run_module("launch.eval", [f"--workdir={workdir}", "--gin_bindings=eval.split=''"])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "eval.memorization_snippets=32 checks the run's training split" in result.stderr
+    assert "records no training split" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_checkpoint_is_a_user_error(tmp_path):

@@ -23,6 +23,7 @@ import secrets
 from fastapi import Request
 from fastapi.responses import Response
 
+from research.data.scrub import Scrubber
 from research.errors import RequestError
 from research.serving.core.sampling import SamplingParams
 from research.serving.engine.engine import EngineClosed, QueueFull
@@ -32,6 +33,10 @@ from research.serving.http.jobs import DONE, Choice, EventStream, Job, sse
 from research.serving.http.protocol import APIError, ChatRequest, CompletionRequest
 
 logger = logging.getLogger("cirrus.serve")
+# Prompt and completion text (log_prompts only, redacted): its own logger, so launch.serve can
+# show it on the console while other INFO records go to the log file.
+PROMPT_LOGGER = "cirrus.serve.prompts"
+prompt_logger = logging.getLogger(PROMPT_LOGGER)
 
 _SEED_RANGE = 2**32
 
@@ -49,9 +54,13 @@ def not_ready(engine) -> APIError:
 class Endpoints:
     """The two generation endpoints over one engine (see the module docstring)."""
 
-    def __init__(self, engine, *, model_name, chat: ChatTemplate, limiter, log_prompts):
+    def __init__(
+        self, engine, *, model_name, chat: ChatTemplate, limiter, log_prompts, api_keys=()
+    ):
         self.engine, self.model_name, self.chat = engine, model_name, chat
         self.limiter, self.log_prompts = limiter, log_prompts
+        # Logged text loses the server's API keys and every kind data prep scrubs (scrub.py).
+        self._redact = Scrubber(literals=api_keys).redact if log_prompts else None
         self.tokenizer = engine.tokenizer
         self._token_text = protocol.TokenText(engine.tokenizer)
         self._token_ids = protocol.TokenText(engine.tokenizer, as_ids=True)
@@ -210,7 +219,12 @@ class Endpoints:
             ",".join(str(c.finish_reason) for c in job.choices),
         )
         if self.log_prompts:
-            logger.info("prompt %r -> %r", prompt, ["".join(c.text) for c in job.choices])
+            prompt_logger.info(
+                "%s prompt %r -> %r",
+                job.choices[0].request_id.rsplit("-", 1)[0],
+                self._redact(prompt),
+                self._redact(["".join(c.text) for c in job.choices]),
+            )
 
     def _envelope(self, kind: str, response_id: str, created: int, choices: list, **extra):
         return {

@@ -86,7 +86,8 @@ def create_app(
       max_request_bytes: larger request bodies get 413.
       chat_template: Jinja chat template (e.g. chat.read_chat_template(tokenizer_dir));
         None = chat.DEFAULT_TEMPLATE (ChatML).
-      log_prompts: log prompt and output text (off: only ids and token counts).
+      log_prompts: log prompt and output text, redacted (API keys, PII, secrets: the data
+        scrubber), on logger "cirrus.serve.prompts" (off: only ids and token counts).
     """
     if engine.tokenizer is None:
         raise UserError("the model has no tokenizer; the server needs one to read text.")
@@ -97,6 +98,7 @@ def create_app(
         chat=chat,
         limiter=RateLimiter(rate_limit_rpm, rate_limit_tpm),
         log_prompts=log_prompts,
+        api_keys=api_keys,
     )
     tokenizer_endpoints = TokenizerEndpoints(
         engine.tokenizer, model_name=model_name, max_len=engine.max_len, chat_template=chat.source
