@@ -4,6 +4,7 @@ Exit codes: 0 done, 1 user error (message, no traceback), 42 preempted (checkpoi
 Never 255: gcloud re-runs a command whose ssh exits 255.
 """
 
+import io
 import math
 import os
 import re
@@ -124,6 +125,44 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+class _Console(io.TextIOBase):
+    """stdout / stderr that go quiet instead of raising once their reader is gone: a host of
+    launch.local whose launcher was killed (its pipe closed) still saves and exits 42 on the
+    parent-death SIGTERM, and `launch.sample ... | head` ends without a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream, self._gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, ValueError):  # ValueError: the file was closed.
+                self._gone = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                self._gone = True
+
+    def writable(self) -> bool:
+        return True
+
+    def __getattr__(self, name):  # fileno, encoding, isatty, ...: the real stream's.
+        return getattr(self._stream, name)
+
+
+def quiet_when_console_gone() -> None:
+    """Wraps sys.stdout and sys.stderr in _Console (once)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _Console):
+            setattr(sys, name, _Console(stream))
+
+
 def guarded(main, *, logs_in_workdir: bool = True):
     """Wraps an absl main: a UserError prints its message and exits 1; crashes never exit 255.
     Logging is set up first (`setup_logging`); `logs_in_workdir=False` for entry points whose
@@ -136,6 +175,7 @@ def guarded(main, *, logs_in_workdir: bool = True):
                 entry = os.path.splitext(os.path.basename(sys.argv[0]))[0]
             workdir = WORKDIR.value if WORKDIR.present or WORKDIR.value else None
             workdir = workdir if logs_in_workdir else None
+            quiet_when_console_gone()
             setup_logging(entry, workdir)
             return main(argv)
         except UserError as error:

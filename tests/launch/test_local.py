@@ -282,6 +282,8 @@ def test_a_killed_launcher_leaves_no_host_behind(data, tmp_path):
     while time.monotonic() < deadline and any(local.command_line(p) for p in pids):
         time.sleep(0.2)
     assert not [p for p in pids if local.command_line(p)]
+    # They saved first (their console, the dead launcher's pipe, going quiet, not raising).
+    assert any(name.isdigit() for name in os.listdir(workdir / "ckpt"))
 
 
 def _sleeper(*argv):
