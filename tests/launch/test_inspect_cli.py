@@ -198,7 +198,10 @@ def _chromium(profile, port, args, timeout_s=60):
     return process.returncode, stdout
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="needs Debian's chromium (make test installs it with apt-get where apt-get can run)",
+)
 def test_page_renders_in_chromium_without_fetching_anything(page, tmp_path):
     from PIL import Image
 
