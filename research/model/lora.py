@@ -146,8 +146,9 @@ def adapter_tree(params) -> dict:
 
 
 def with_adapters(params, adapter_values: dict):
-    """A copy of `params` (nnx.State or pure dict) with the adapter leaves of `adapter_values`
-    (adapter_tree's layout) in place of its own, or added to a base without adapters."""
+    """A copy of `params` (nnx.State or pure dict) with the leaves of `adapter_values` (a
+    partial tree: adapter_tree's layout, or a base model's leaves over a fresh model) in place
+    of its own; adapter leaves may also be added to a base without them."""
 
     def put(node: dict, values: dict) -> dict:
         out = dict(node)

@@ -495,9 +495,7 @@ def _with_params(trainer, state, params):
     given = params.to_pure_dict() if hasattr(params, "to_pure_dict") else params
     fresh = state.params.to_pure_dict()
     if _has_missing_adapters(fresh, given):
-        given = _overlay(fresh, given)
-        params = jax.tree.map(lambda x: x, state.params)  # A copy of the State's structure.
-        params.replace_by_pure_dict(given)
+        params = lora.with_adapters(state.params, given)  # given's leaves over fresh ones.
     params = jax.device_put(params, trainer.shardings.params)
     return state.replace(params=params)
 
@@ -508,21 +506,6 @@ def _has_missing_adapters(fresh: dict, given: dict) -> bool:
         for key, value in fresh.items()
         if isinstance(given, dict)
     )
-
-
-def _overlay(fresh: dict, given: dict) -> dict:
-    """fresh with given's values wherever given has them; only adapters may be missing."""
-    out = {}
-    for key, value in fresh.items():
-        if isinstance(value, dict):
-            out[key] = _overlay(value, given.get(key, {}))
-        elif key in given:
-            out[key] = given[key]
-        elif key in lora.ADAPTER_KEYS:
-            out[key] = value
-        else:
-            raise UserError(f"the initial parameters lack {key!r}: they do not fit the model.")
-    return out
 
 
 _STEP_METRICS = ("loss", "accuracy", "grad_norm", "tokens")
