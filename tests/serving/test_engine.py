@@ -386,3 +386,20 @@ def test_int8_cache_through_chunked_prefill_and_the_prefix_cache(model):
     pool = engine.prefix_cache.pool
     assert pool.keys[0][0].dtype == np.int8 and pool.key_scales[0][0].dtype == np.float32
     assert pool.key_scales[0][0].shape == (engine.prefix_cache.num_blocks, 2, 8, 1)
+
+
+def test_requests_taken_into_a_step_still_count_as_waiting(model):
+    """While the engine thread runs a step, the requests it took from the incoming list are
+    in the scheduler's queue: submit must still count them (the queue stays full)."""
+    engine = Engine(CONFIG, *model, CharTokenizer(), EngineConfig(num_slots=1, max_waiting=1))
+    outputs, seen = [], []
+    engine.submit([1, 2], SamplingParams(max_new_tokens=2), outputs.append, owner="a")
+
+    def step():  # Mid-step, on the engine's side: the request left `_incoming`.
+        seen.append(engine.stats()["waiting"])
+        with pytest.raises(QueueFull, match="max_waiting=1"):
+            engine.submit([1, 2], SamplingParams(), outputs.append, owner="b")
+
+    engine.scheduler.step = step
+    engine._loop()
+    assert seen == [1] and not outputs

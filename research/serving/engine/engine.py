@@ -402,6 +402,9 @@ class Engine:
                 return False
             scheduler.waiting.extend(self._incoming)
             self._incoming = []
+            # Counted at once: until the step ends, submit must still see them waiting.
+            self._stats["waiting"] = len(scheduler.waiting)
+            self._waiting_by_owner = collections.Counter(r.owner for r in scheduler.waiting)
             cancelled, self._cancelled = self._cancelled, set()
             if self._closing and time.monotonic() > self._drain_deadline:
                 cancelled |= {r.id for r in scheduler.waiting} | {r.id for r in scheduler.running()}
