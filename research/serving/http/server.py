@@ -162,12 +162,15 @@ def create_app(
     async def ready():
         """Readiness: 200 once the engine has compiled and warmed up, 503 before (and after
         a failure). Smaller decode buckets keep compiling in the background after it (the
-        largest one serves any request meanwhile): `decode_buckets_compiled` says how many."""
+        largest one serves any request meanwhile): `decode_buckets_compiled` says how many,
+        `compiling` whether any background compile (those, then the echo prefill) still runs
+        and takes CPU time from serving."""
         if not engine.ready:
             raise not_ready(engine)
         stats = engine.stats()
         compiled = f"{stats.get('decode_buckets_compiled', 0)}/{stats.get('decode_buckets', 0)}"
-        return {"status": "ready", "decode_buckets_compiled": compiled}
+        compiling = bool(stats.get("compiling", False))
+        return {"status": "ready", "decode_buckets_compiled": compiled, "compiling": compiling}
 
     @app.get("/metrics")
     async def metrics():
