@@ -9,16 +9,16 @@ DEMO_WORKDIR ?= workdir/demo
 # The quantized matmul for XLA:CPU (research/compression/qmatmul.cc, loaded through jax.ffi):
 # built from source against the installed jaxlib's FFI headers; ISA chosen at run time.
 KERNEL := research/compression/_build/libcirrus_qmatmul.so
-$(KERNEL): research/compression/qmatmul.cc $(VENV)/.runtime-ok
+$(KERNEL): research/compression/qmatmul.cc research/ffi_parallel.h $(VENV)/.runtime-ok
 	mkdir -p $(dir $@)
-	$(CXX) -O3 -shared -fPIC -std=c++17 -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" $< -o $@.tmp
+	$(CXX) -O3 -shared -fPIC -std=c++17 -Iresearch -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" $< -o $@.tmp
 	mv $@.tmp $@
 
 # Decode attention for XLA:CPU (research/serving/core/decode_attention.cc), the same way.
 ATTENTION_KERNEL := research/serving/core/_build/libcirrus_attention.so
-$(ATTENTION_KERNEL): research/serving/core/decode_attention.cc $(VENV)/.runtime-ok
+$(ATTENTION_KERNEL): research/serving/core/decode_attention.cc research/ffi_parallel.h $(VENV)/.runtime-ok
 	mkdir -p $(dir $@)
-	$(CXX) -O3 -shared -fPIC -std=c++17 -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" $< -o $@.tmp
+	$(CXX) -O3 -shared -fPIC -std=c++17 -Iresearch -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" $< -o $@.tmp
 	mv $@.tmp $@
 
 KERNELS := $(KERNEL) $(ATTENTION_KERNEL)

@@ -5,13 +5,13 @@ that runs Python depends on it). Without it, `available()` is False (with one wa
 quantized models dequantize before XLA's dot: correct, but slower than float32 on CPU.
 """
 
-import ctypes
 import functools
-import logging
 import os
 
 import jax
 import jax.numpy as jnp
+
+from research import ffi
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build", "libcirrus_qmatmul.so")
 TARGET = "cirrus_qmatmul"
@@ -20,19 +20,11 @@ TARGET_ASYM = "cirrus_qmatmul_asym"  # int4_asym: float16 scale and min per grou
 
 @functools.cache
 def _library():
-    if not os.path.exists(LIBRARY):
-        logging.warning(
-            "%s is missing: quantized models will dequantize before each matmul (slow on "
-            "CPU); build the kernel with `make kernels`.",
-            LIBRARY,
-        )
-        return None
-    library = ctypes.cdll.LoadLibrary(LIBRARY)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.CirrusQMatmul), platform="cpu")
-    jax.ffi.register_ffi_target(
-        TARGET_ASYM, jax.ffi.pycapsule(library.CirrusQMatmulAsym), platform="cpu"
+    return ffi.load_library(
+        LIBRARY,
+        {TARGET: "CirrusQMatmul", TARGET_ASYM: "CirrusQMatmulAsym"},
+        "quantized models will dequantize before each matmul (slow on CPU)",
     )
-    return library
 
 
 def available() -> bool:

@@ -29,12 +29,9 @@
 // CIRRUS_QMATMUL_PREFETCH (4096) is the prefetch distance in bytes.
 
 #include <algorithm>
-#include <atomic>
-#include <memory>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -42,6 +39,7 @@
 #define CIRRUS_X86 1
 #endif
 
+#include "ffi_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -261,47 +259,19 @@ void Run(ffi::ThreadPool& pool, const Problem& p, float* out) {
   if (parts == 1) {
     Rows(p, 0, word_rows, out);
   } else {
-    // Chunks of word rows are claimed from a counter by the caller and by the helpers it
-    // schedules, each summing into its own buffer (the caller's is y). A helper the OS does
-    // not run (a busy machine) claims nothing: the caller does the work instead of waiting
-    // for it; the caller waits only for chunks already claimed. Late helpers find nothing
-    // left, and the shared state outlives them.
-    struct Shared {
-      Problem p;
-      int64_t chunks, per_chunk, word_rows;
-      std::atomic<int64_t> next{0}, done{0};
-      std::vector<float> partial;  // (parts - 1) buffers of M x N.
-    };
-    auto shared = std::make_shared<Shared>();
-    shared->p = p;
-    shared->chunks = std::min<int64_t>(word_rows, parts * 4);
-    shared->per_chunk = (word_rows + shared->chunks - 1) / shared->chunks;
-    shared->word_rows = word_rows;
-    shared->partial.assign((parts - 1) * p.m * p.n, 0.0f);
-    auto work = [](Shared& st, float* y) {
-      for (int64_t c; (c = st.next.fetch_add(1, std::memory_order_relaxed)) < st.chunks;) {
-        const int64_t w0 = std::min(c * st.per_chunk, st.word_rows);
-        Rows(st.p, w0, std::min(w0 + st.per_chunk, st.word_rows), y);
-        st.done.fetch_add(1, std::memory_order_release);
-      }
-    };
+    // Chunks of word rows (research/ffi_parallel.h); each worker sums into its own buffer
+    // (the caller's is y), added at the end.
+    const int64_t chunks = std::min<int64_t>(word_rows, parts * 4);
+    const int64_t per_chunk = (word_rows + chunks - 1) / chunks;
+    std::vector<float> partial((parts - 1) * p.m * p.n, 0.0f);
+    cirrus::ParallelChunks(pool, parts, chunks, [&p, out, &partial, per_chunk,
+                                                  word_rows](int64_t worker, int64_t c) {
+      const int64_t w0 = std::min(c * per_chunk, word_rows);
+      float* y = worker == 0 ? out : partial.data() + (worker - 1) * p.m * p.n;
+      Rows(p, w0, std::min(w0 + per_chunk, word_rows), y);
+    });
     for (int64_t i = 1; i < parts; ++i) {
-      pool.Schedule([shared, i, work] {
-        work(*shared, shared->partial.data() + (i - 1) * shared->p.m * shared->p.n);
-      });
-    }
-    work(*shared, out);
-    for (int spins = 0; shared->done.load(std::memory_order_acquire) < shared->chunks; ++spins) {
-      if (spins < 2000) {
-#ifdef CIRRUS_X86
-        _mm_pause();
-#endif
-      } else {
-        std::this_thread::yield();
-      }
-    }
-    for (int64_t i = 1; i < parts; ++i) {
-      const float* part = shared->partial.data() + (i - 1) * p.m * p.n;
+      const float* part = partial.data() + (i - 1) * p.m * p.n;
       for (int64_t e = 0; e < p.m * p.n; ++e) out[e] += part[e];
     }
   }

@@ -89,8 +89,8 @@ def test_prefill_and_decode_across_cache_segments_match_the_full_forward(
     prompt (chunks of 100) then decode steps that cross the boundary, read in the 256 and
     the 300 key buckets, give the full forward's logits, through the C++ decode attention
     and through XLA's einsums."""
-    if kernel and not attention_kernel.available():
-        pytest.skip("the attention kernel is not built (make kernels)")
+    if kernel:
+        assert attention_kernel.available(), f"{attention_kernel.LIBRARY}: run `make kernels`"
     monkeypatch.setattr(kv_cache, "use_attention_kernel", lambda cache, dtype: kernel)
     config = FAMILIES[family].replace(max_seq_len=512)
     graphdef, params = random_split(config)
@@ -222,8 +222,7 @@ def test_cpp_decode_attention_equals_numpy(isa):
     import subprocess
     import sys
 
-    if not attention_kernel.available():
-        pytest.skip("the attention kernel is not built (make kernels)")
+    assert attention_kernel.available(), f"{attention_kernel.LIBRARY}: run `make kernels`"
     if isa == "avx512" and attention_kernel.isa() != "avx512":
         pytest.skip("this CPU has no AVX-512")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}

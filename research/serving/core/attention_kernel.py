@@ -5,13 +5,13 @@ that runs Python depends on it). Without it, `available()` is False and decode a
 runs as XLA einsums (`kv_cache.decode_attention`): the same numbers, slower at many rows.
 """
 
-import ctypes
 import functools
-import logging
 import os
 
 import jax
 import jax.numpy as jnp
+
+from research import ffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIBRARY = os.path.join(HERE, "_build", "libcirrus_attention.so")
@@ -22,18 +22,11 @@ TARGET = "cirrus_decode_attention"
 def _library():
     if os.environ.get("CIRRUS_ATTENTION_KERNEL", "1") == "0":
         return None
-    if not os.path.exists(LIBRARY):
-        logging.warning(
-            "%s is missing: decode attention runs as XLA einsums (slower with many active "
-            "slots); build the kernel with `make kernels`.",
-            LIBRARY,
-        )
-        return None
-    library = ctypes.cdll.LoadLibrary(LIBRARY)
-    jax.ffi.register_ffi_target(
-        TARGET, jax.ffi.pycapsule(library.CirrusDecodeAttention), platform="cpu"
+    return ffi.load_library(
+        LIBRARY,
+        {TARGET: "CirrusDecodeAttention"},
+        "decode attention runs as XLA einsums (slower with many active slots)",
     )
-    return library
 
 
 def available() -> bool:

@@ -19,17 +19,14 @@
 // own length, not the bucket's.
 //
 // Threads: (row, kv head) pairs are claimed from a counter by the caller and the pool's
-// helpers; the caller never waits for a helper that has not started (qmatmul.cc's scheme).
+// helpers (research/ffi_parallel.h).
 // ISA: AVX-512 where the CPU has it, else a portable loop.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <memory>
 #include <string_view>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -37,6 +34,7 @@
 #define CIRRUS_X86 1
 #endif
 
+#include "ffi_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -208,32 +206,13 @@ void Run(ffi::ThreadPool& pool, const Problem& p) {
   }
   int64_t parts = floats < kParallelFloats ? 1 : std::max<int64_t>(1, pool.num_threads());
   parts = std::min(parts, pairs);
-  struct Shared {
-    Problem p;
-    int64_t pairs;
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto shared = std::make_shared<Shared>();
-  shared->p = p;
-  shared->pairs = pairs;
-  auto work = [](Shared& st) {
-    std::vector<float> scratch(st.p.g * st.p.s);
-    for (int64_t i; (i = st.next.fetch_add(1, std::memory_order_relaxed)) < st.pairs;) {
-      Pair(st.p, i, scratch.data());
-      st.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t i = 1; i < parts; ++i) pool.Schedule([shared, work] { work(*shared); });
-  work(*shared);
-  for (int spins = 0; shared->done.load(std::memory_order_acquire) < pairs; ++spins) {
-    if (spins < 2000) {
-#ifdef CIRRUS_X86
-      _mm_pause();
-#endif
-    } else {
-      std::this_thread::yield();
-    }
-  }
+  // One scratch buffer (G x S logits) per worker, made when it claims its first pair.
+  std::vector<std::vector<float>> scratch(parts);
+  cirrus::ParallelChunks(pool, parts, pairs, [&p, &scratch](int64_t worker, int64_t pair) {
+    std::vector<float>& mine = scratch[worker];
+    if (mine.empty()) mine.resize(p.g * p.s);
+    Pair(p, pair, mine.data());
+  });
 }
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
