@@ -158,7 +158,12 @@ class _Listener:
 # Chromium's own services (component updater, accounts, network time) call these hosts from
 # any page, even a blank one; they skip the proxy and resolve to nothing, so nothing leaves
 # and the listener sees only what a page asks for (the control page below proves it does).
-_BROWSER_HOSTS = ("update.googleapis.com", "accounts.google.com", "clients2.google.com")
+_BROWSER_HOSTS = (
+    "update.googleapis.com",
+    "accounts.google.com",
+    "clients2.google.com",
+    "www.google.com",  # Its own connectivity probe, seen on some runs.
+)
 _BROWSER_HOSTS += ("redirector.gvt1.com",)
 
 
