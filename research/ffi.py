@@ -20,3 +20,11 @@ def load_library(path: str, targets: dict[str, str], missing: str):
             target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
         )
     return library
+
+
+def isa_of(library, symbol: str) -> str:
+    """The instruction set a loaded kernel chose on this CPU ("avx512" or "portable", from
+    its exported `int symbol()`: 512 or 0), or "none" when it is not built."""
+    if library is None:
+        return "none"
+    return "avx512" if getattr(library, symbol)() == 512 else "portable"

@@ -33,10 +33,7 @@ def available() -> bool:
 
 def isa() -> str:
     """The instruction set the kernel chose on this CPU: "avx512" or "portable"."""
-    library = _library()
-    if library is None:
-        return "none"
-    return "avx512" if library.cirrus_qmatmul_isa() == 512 else "portable"
+    return ffi.isa_of(_library(), "cirrus_qmatmul_isa")
 
 
 def qmatmul(x_mk, q, scale, minimum=None, *, bits: int, group: int):

@@ -213,6 +213,18 @@ print("isa", ak.isa())
 """
 
 
+def test_reference_decode_attention_stats_equal_numpy():
+    """The plain-JAX statistics (the kernel's definition, used off CPU) equal NumPy's."""
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((3, 2, 4, 24), dtype=np.float32)
+    keys, values = (rng.standard_normal((5, 2, 40, 24), dtype=np.float32) for _ in range(2))
+    lengths = np.array([0, 17, 47], np.int32)
+    got = attention_kernel.reference_stats(q, keys, values, lengths)
+    want = _numpy_segment_stats(q, keys, values, lengths)
+    for name, x, y in zip(("max", "sum", "acc"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(x), y, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("isa", ["avx512", "portable"])
 def test_cpp_decode_attention_equals_numpy(isa):
     """The kernel's softmax statistics per (row, kv head) equal NumPy's in float64, for rows

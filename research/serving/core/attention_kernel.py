@@ -36,10 +36,7 @@ def available() -> bool:
 
 def isa() -> str:
     """ "avx512" or "portable" (the loop the kernel chose on this CPU), "none" if not built."""
-    library = _library()
-    if library is None:
-        return "none"
-    return "avx512" if library.cirrus_attention_isa() == 512 else "portable"
+    return ffi.isa_of(_library(), "cirrus_attention_isa")
 
 
 def segment_stats(q_bkgh, keys_cksh, values_cksh, lengths_b):
