@@ -44,9 +44,7 @@ class MetricsWriter:
             self._local_tensorboard = os.path.join(tempfile.gettempdir(), f"cirrus-tb-{digest}")
         else:
             self._local_tensorboard = str(self.tensorboard_dir)
-        from tensorboardX import SummaryWriter  # Imported here: slow, and only process 0.
-
-        self._summary = SummaryWriter(self._local_tensorboard, flush_secs=10)
+        self._summary = _summary_writer()(self._local_tensorboard, flush_secs=10)
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -78,6 +76,24 @@ class MetricsWriter:
             self.flush()
             self._summary.close()
             self._summary = None
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter, imported here (slow, and only process 0 writes) without
+    PyTorch: tensorboardX imports torch whenever it is installed (1-2 s) only to accept torch
+    tensors, and this writer is given Python floats. A torch already imported is left alone."""
+    import sys
+
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX skips it.
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _plain(value):

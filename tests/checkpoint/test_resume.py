@@ -32,6 +32,7 @@ from research.errors import UserError
 from research.model import ModelConfig
 from research.train import TrainConfig, build_trainer, train
 from tests.launch.test_train_cli import TINY_RUN
+from tests.xla_flags import with_devices
 
 MODEL = ModelConfig(
     vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
@@ -87,7 +88,7 @@ def _command(workdir, corpus, cache, steps):
 
 
 def _env():
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return dict(os.environ, XLA_FLAGS=with_devices(1))
 
 
 def _losses(workdir):

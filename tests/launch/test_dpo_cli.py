@@ -13,6 +13,7 @@ from launch.config import ROOT
 from research.checkpoint.pretrained import Pretrained, save_as_run
 from research.data import train_tokenizer
 from research.model import Decoder, ModelConfig
+from tests.xla_flags import with_devices
 
 TINY = ModelConfig(
     vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
@@ -37,7 +38,7 @@ RUN = [
 
 
 def _run(args, timeout=300):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=with_devices(2))
     return subprocess.run(
         [sys.executable, "-m", "launch.dpo", *args],
         cwd=ROOT,

@@ -21,6 +21,7 @@ from research.model import ModelConfig, count_params
 from research.train import TrainConfig
 from research.train.optimizer import make_optimizer
 from research.train.state import init_train_state
+from tests.xla_flags import with_devices
 
 # configs/model/tiny.gin, spelled out: V=512, D=64, L=2, N=4, K=2, H=16, F=128, untied.
 TINY = ModelConfig(
@@ -196,7 +197,7 @@ def _plan_cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "launch.plan", *args],
         cwd=ROOT,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+        env=dict(os.environ, XLA_FLAGS=with_devices(1)),
         capture_output=True,
         text=True,
         timeout=300,

@@ -2,6 +2,8 @@
 blocks, in order, with temp workdirs for its /tmp paths, a tiny model and 2 training steps
 (appended bindings win over earlier ones), launch.pod and launch.sweep as --dry_run, and
 launch.serve started, asked /ready and stopped. A README example cannot rot unnoticed.
+README's launch.local pod (4 processes x 2 devices) is also tests/launch/test_local.py's
+many-hosts case: each host must join jax.distributed and the job see every device.
 """
 
 import concurrent.futures
@@ -157,6 +159,17 @@ def _run(argv, how, env, deps) -> tuple[int, str, float]:
     return code, output, time.monotonic() - started
 
 
+def _missing_hosts(argv: list[str], output: str) -> list[str]:
+    """What launch.local's output lacks to be one job of --num_hosts processes (each joined
+    jax.distributed) over every device of them all."""
+    flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    hosts, per_host = int(flags.get("num_hosts", 2)), int(flags.get("devices_per_host", 1))
+    wanted = [f"[host {h}] jax.distributed: process {h}/{hosts}" for h in range(hosts)]
+    wanted.append(f"on {hosts * per_host} cpu devices, {hosts} process(es)")
+    wanted.append(f"(hosts: {[0] * hosts})")  # Every host exited 0.
+    return [line for line in wanted if line not in output]
+
+
 @pytest.mark.slow
 def test_every_readme_command_runs(inputs, tmp_path):
     """Two at a time: a command waits for every earlier one that names the same /tmp path
@@ -178,4 +191,6 @@ def test_every_readme_command_runs(inputs, tmp_path):
         print(f"README.md:{line} {module}: exit {code} in {seconds:.1f}s")
         if code != 0 or "Traceback" in output:
             failures.append(f"README.md:{line}: {shlex.join(argv)}\nexit {code}\n{output[-2000:]}")
+        elif module == "launch.local" and (missing := _missing_hosts(argv, output)):
+            failures.append(f"README.md:{line}: launch.local: {missing}\n{output[-3000:]}")
     assert not failures, "\n\n".join(failures)

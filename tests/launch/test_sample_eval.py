@@ -9,11 +9,12 @@ import pytest
 
 from launch.config import ROOT
 from tests.launch.test_train_cli import TINY_RUN
+from tests.xla_flags import with_devices
 
 
 def run_module(module, args, timeout=300):
     """`python -m module args` from the repo root on 2 CPU devices; the CompletedProcess."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=with_devices(2))
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=ROOT,

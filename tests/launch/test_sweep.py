@@ -12,6 +12,7 @@ from launch import sweep
 from launch.config import ROOT
 from research.errors import UserError
 from tests.launch.test_train_cli import TINY_RUN
+from tests.xla_flags import with_devices
 
 
 def test_product_and_zip_expansion():
@@ -67,7 +68,7 @@ def _sweep(args):
     return subprocess.run(
         [sys.executable, "-m", "launch.sweep", *args],
         cwd=ROOT,
-        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+        env=dict(os.environ, XLA_FLAGS=with_devices(1)),
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from launch.config import ROOT
+from tests.xla_flags import with_devices
 
 TINY_RUN = [
     "model.vocab_size = 320",
@@ -30,7 +31,7 @@ TINY_RUN = [
 
 
 def _run(args, env_extra=None, timeout=300):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=with_devices(2))
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "launch.train", *args],
@@ -156,7 +157,7 @@ def test_user_errors_exit_1_with_a_message(bindings, fragment, tmp_path):
     result = _run(
         ["--gin_file=configs/experiment/demo.gin", f"--workdir={tmp_path}"]
         + [f"--gin_bindings={b}" for b in bindings + [f"data.cache_dir = '{tmp_path}/c'"]],
-        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        env_extra={"XLA_FLAGS": with_devices(4)},
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert fragment in result.stderr
