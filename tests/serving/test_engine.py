@@ -233,6 +233,36 @@ def test_prefix_cache_evicts_least_recently_used_leaves_first():
     assert len(cache.match(b)) == 2
 
 
+@pytest.mark.parametrize("prompt_len", [40, 300, 1100])
+def test_prefix_cache_store_then_load_copies_rows_across_segments(prompt_len):
+    """A store reads only the cache segments holding the prompt's blocks (1, 2 or all 3 of
+    max_len 1,100: ends 256, 1,024, 1,100); loading the blocks into another slot gives that
+    slot the same rows, and leaves every other row as it was."""
+    from research.serving.core import kv_cache
+
+    config = CONFIG.replace(max_seq_len=1100)
+    pool = PrefixCache(config, 1100, 1e9, block=16)
+    rng = np.random.default_rng(prompt_len)
+    cache = jax.tree.map(
+        lambda a: rng.standard_normal(a.shape).astype(a.dtype),
+        kv_cache.init_cache(config, 2, 1100),
+    )
+    prompt = [int(t) for t in rng.integers(1, 200, prompt_len)]
+    copies = pool.plan_store(prompt)
+    assert len(copies) == prompt_len // 16
+    pool.store(cache, 1, copies)
+    chain = pool.match(prompt + [7])
+    assert len(chain) == prompt_len // 16
+    loaded = pool.load(jax.tree.map(np.copy, cache), 0, chain)
+    n = len(chain) * 16
+    for got, want in zip(loaded.keys + loaded.values, cache.keys + cache.values, strict=True):
+        got_row = np.concatenate([np.asarray(s) for s in got], axis=2)  # [B, K, S, H]
+        want_row = np.concatenate([np.asarray(s) for s in want], axis=2)
+        np.testing.assert_array_equal(got_row[0, :, :n], want_row[1, :, :n])
+        np.testing.assert_array_equal(got_row[0, :, n:], want_row[0, :, n:])
+        np.testing.assert_array_equal(got_row[1], want_row[1])
+
+
 def test_tensor_parallel_engine_gives_the_single_device_tokens(engine, model):
     from research.sharding import make_mesh
 

@@ -17,8 +17,10 @@ to wait for a running request. Eviction is least-recently-used; a lookup refresh
 from its deepest block to its first, so a chain's leaves are evicted before its roots (a
 block whose parent was evicted can never match again and simply ages out).
 
-The copies are one jitted call each of fixed shape (every block index of a slot, unused ones
-masked), so no prompt length ever recompiles them.
+The copies are jitted calls of fixed shape (unused block indices masked), so no prompt length
+ever recompiles them: a load covers a slot's whole row; a store reads only the leading cache
+segments that hold the prompt's blocks (one variant per segment count, all compiled at
+warm-up), so a short prompt's store touches 256 positions, not max_len.
 """
 
 import collections
@@ -91,7 +93,7 @@ class PrefixCache:
             pool_spec = jax.sharding.PartitionSpec(None, *tuple(cache_spec)[1:])
             self.pool = jax.device_put(self.pool, jax.sharding.NamedSharding(mesh, pool_spec))
         self._load = jax.jit(self._load_fn, donate_argnums=0)
-        self._store = jax.jit(self._store_fn, donate_argnums=0)
+        self._store = jax.jit(self._store_fn, donate_argnums=0, static_argnames="num_segments")
 
     @property
     def enabled(self) -> bool:
@@ -185,14 +187,16 @@ class PrefixCache:
 
         return jax.tree.map(load, cache, pool, is_leaf=_is_layer)
 
-    def _store_fn(self, pool, cache, slot, indices_m):
-        """pool[indices_m[i]] = block i of the slot's row (index num_blocks = skip)."""
-        s, m, blk = self.max_len, self.blocks_per_slot, self.block
+    def _store_fn(self, pool, cache, slot, indices_m, *, num_segments):
+        """pool[indices_m[i]] = block i of the slot's row (index num_blocks = skip), reading
+        only the row's first `num_segments` segments (those that hold the copied blocks)."""
+        blk = self.block
 
         def store(p_mkbh, segments):
             pieces = [jax.lax.dynamic_slice_in_dim(c, slot, 1)[0] for c in segments]
-            row_ksh = jnp.concatenate(pieces, axis=1)  # [K, S, H]
-            k, _, h = row_ksh.shape
+            row_ksh = jnp.concatenate(pieces[:num_segments], axis=1)  # [K, S', H]
+            k, s, h = row_ksh.shape
+            m = indices_m.shape[0]
             row_ksh = jnp.pad(row_ksh, ((0, 0), (0, m * blk - s), (0, 0)))
             blocks_mkbh = row_ksh.reshape(k, m, blk, h).transpose(1, 0, 2, 3)
             return p_mkbh.at[indices_m].set(blocks_mkbh, mode="drop")
@@ -201,6 +205,14 @@ class PrefixCache:
             return (store(pool_layer[0], segments),) if segments else ()
 
         return jax.tree.map(layer, pool, cache, is_leaf=_is_layer)
+
+    def _store_plan(self, last_block: int) -> tuple[int, int]:
+        """(segments to read, blocks they hold) for a store whose last block is last_block: a
+        short prompt's copy reads its first segment, not the whole max_len row."""
+        ends = [end for _, end in kv_cache.segment_bounds(self.max_len)]
+        needed = (last_block + 1) * self.block
+        num_segments = next((i + 1 for i, end in enumerate(ends) if end >= needed), len(ends))
+        return num_segments, -(-ends[num_segments - 1] // self.block)
 
     def load(self, cache: kv_cache.KVCache, slot: int, chain: list[_Block]) -> kv_cache.KVCache:
         """Copies the matched blocks into `slot`'s rows 0..len(chain)*block (cache donated)."""
@@ -214,16 +226,22 @@ class PrefixCache:
         """Copies the slot's blocks named by `plan_store` into the pool."""
         if not copies:
             return
-        indices_m = np.full((self.blocks_per_slot,), self.num_blocks, np.int32)
+        num_segments, num_row_blocks = self._store_plan(max(number for number, _ in copies))
+        indices_m = np.full((num_row_blocks,), self.num_blocks, np.int32)
         for block_number, index in copies:
             indices_m[block_number] = index
-        self.pool = self._store(self.pool, cache, np.int32(slot), indices_m)
+        self.pool = self._store(
+            self.pool, cache, np.int32(slot), indices_m, num_segments=num_segments
+        )
 
     def warm_up(self, cache: kv_cache.KVCache) -> kv_cache.KVCache:
-        """Compiles both copies (touching nothing: no block is loaded or stored)."""
+        """Compiles both copies, the store for every segment count (touching nothing: no
+        block is loaded or stored)."""
         if not self.enabled:
             return cache
-        skip = np.full((self.blocks_per_slot,), self.num_blocks, np.int32)
-        self.pool = self._store(self.pool, cache, np.int32(0), skip)
+        for num_segments in range(1, len(kv_cache.segment_bounds(self.max_len)) + 1):
+            end = kv_cache.segment_bounds(self.max_len)[num_segments - 1][1]
+            skip = np.full((-(-end // self.block),), self.num_blocks, np.int32)
+            self.pool = self._store(self.pool, cache, np.int32(0), skip, num_segments=num_segments)
         indices = np.zeros((self.blocks_per_slot,), np.int32)
         return self._load(cache, self.pool, np.int32(0), indices, np.int32(0))
