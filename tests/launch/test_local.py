@@ -280,6 +280,12 @@ def _sleeper(*argv):
         [sys.executable, "-c", "import time; time.sleep(120)", *argv], start_new_session=True
     )
     threading.Thread(target=process.wait, daemon=True).start()  # Reaped once killed.
+    # Popen returns once exec has begun; /proc/PID/cmdline is empty until the kernel has
+    # set up the new program's arguments (a window a loaded machine can hit).
+    deadline = time.monotonic() + 30
+    while "time.sleep" not in (local.command_line(process.pid) or ""):
+        assert time.monotonic() < deadline, "the sleeper never started"
+        time.sleep(0.01)
     return process
 
 
