@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 
-from tests.xla_flags import FAST_COMPILE, with_devices  # noqa: E402
+from tests.xla_flags import FAST_COMPILE, with_devices
 
 # The suite is compile-bound (hundreds of small programs, most run a few times): LLVM at -O0
 # cuts XLA:CPU's compile time by about 40%. XLA's own HLO passes (fusion, layout, sharding)

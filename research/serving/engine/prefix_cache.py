@@ -193,8 +193,8 @@ class PrefixCache:
         blk = self.block
 
         def store(p_mkbh, segments):
-            pieces = [jax.lax.dynamic_slice_in_dim(c, slot, 1)[0] for c in segments]
-            row_ksh = jnp.concatenate(pieces[:num_segments], axis=1)  # [K, S', H]
+            pieces = [jax.lax.dynamic_slice_in_dim(c, slot, 1)[0] for c in segments[:num_segments]]
+            row_ksh = jnp.concatenate(pieces, axis=1)  # [K, S', H]
             k, s, h = row_ksh.shape
             m = indices_m.shape[0]
             row_ksh = jnp.pad(row_ksh, ((0, 0), (0, m * blk - s), (0, 0)))
@@ -206,13 +206,11 @@ class PrefixCache:
 
         return jax.tree.map(layer, pool, cache, is_leaf=_is_layer)
 
-    def _store_plan(self, last_block: int) -> tuple[int, int]:
-        """(segments to read, blocks they hold) for a store whose last block is last_block: a
-        short prompt's copy reads its first segment, not the whole max_len row."""
+    def _store_shapes(self) -> list[tuple[int, int]]:
+        """(segments read, blocks they hold) of every store variant: the row's first 1, 2, ...
+        segments, so a short prompt's copy reads its first segment, not the max_len row."""
         ends = [end for _, end in kv_cache.segment_bounds(self.max_len)]
-        needed = (last_block + 1) * self.block
-        num_segments = next((i + 1 for i, end in enumerate(ends) if end >= needed), len(ends))
-        return num_segments, -(-ends[num_segments - 1] // self.block)
+        return [(i + 1, -(-end // self.block)) for i, end in enumerate(ends)]
 
     def load(self, cache: kv_cache.KVCache, slot: int, chain: list[_Block]) -> kv_cache.KVCache:
         """Copies the matched blocks into `slot`'s rows 0..len(chain)*block (cache donated)."""
@@ -226,7 +224,8 @@ class PrefixCache:
         """Copies the slot's blocks named by `plan_store` into the pool."""
         if not copies:
             return
-        num_segments, num_row_blocks = self._store_plan(max(number for number, _ in copies))
+        last = max(number for number, _ in copies)
+        num_segments, num_row_blocks = next(v for v in self._store_shapes() if v[1] > last)
         indices_m = np.full((num_row_blocks,), self.num_blocks, np.int32)
         for block_number, index in copies:
             indices_m[block_number] = index
@@ -239,9 +238,8 @@ class PrefixCache:
         block is loaded or stored)."""
         if not self.enabled:
             return cache
-        for num_segments in range(1, len(kv_cache.segment_bounds(self.max_len)) + 1):
-            end = kv_cache.segment_bounds(self.max_len)[num_segments - 1][1]
-            skip = np.full((-(-end // self.block),), self.num_blocks, np.int32)
+        for num_segments, num_row_blocks in self._store_shapes():
+            skip = np.full((num_row_blocks,), self.num_blocks, np.int32)
             self.pool = self._store(self.pool, cache, np.int32(0), skip, num_segments=num_segments)
         indices = np.zeros((self.blocks_per_slot,), np.int32)
         return self._load(cache, self.pool, np.int32(0), indices, np.int32(0))
