@@ -78,6 +78,14 @@ def normal(client) -> None:
     assert response.usage.completion_tokens == 3
 
 
+def needs_decode(client, model: str = MODEL):
+    """A request that must reach a decode call: greedy, and its first token (sampled at
+    prefill) cannot end it, as a sampled eos from the random model would."""
+    return client.completions.create(
+        model=model, prompt="Hi", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
+
+
 def post(url: str, body: dict, path: str = "/v1/completions"):
     return httpx2.post(f"{url}{path}", json=body, timeout=60)
 
@@ -279,14 +287,14 @@ def test_an_engine_that_dies_says_so_and_fails_in_flight_requests(loaded):
         statuses = []
         for _ in range(3):  # Three decode calls fail in a row: the engine gives up.
             with pytest.raises(openai.APIStatusError) as raised:
-                client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+                needs_decode(client)
             statuses.append(raised.value.status_code)
         assert statuses[:2] == [500, 500] and statuses[2] in (500, 503)
         assert engine.wait_failed(30) and not engine.alive
         assert server_fixtures.http_status(f"{url}/health") == 503
         assert server_fixtures.http_status(f"{url}/ready") == 503
         with pytest.raises(openai.APIStatusError) as raised:
-            client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+            needs_decode(client)
         assert raised.value.status_code == 503
 
 
@@ -307,7 +315,7 @@ def test_a_hung_decode_trips_the_watchdog(loaded):
         client = server_fixtures.make_client(url)
         started = time.monotonic()
         with pytest.raises(openai.APIStatusError) as raised:
-            client.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+            needs_decode(client)
         assert raised.value.status_code == 503 and "stuck" in raised.value.body["message"]
         assert time.monotonic() - started < 30
         assert server_fixtures.http_status(f"{url}/health") == 503
@@ -331,7 +339,7 @@ def test_launch_serve_exits_non_zero_when_its_engine_hangs(loaded, tmp_path):
     try:
         client = server_fixtures.make_client(server.url)
         with pytest.raises(openai.APIStatusError) as raised:
-            client.completions.create(model="run", prompt="Hi", max_tokens=4)
+            needs_decode(client, model="run")
         assert raised.value.status_code == 503
         assert server.process.wait(60) == 3
     finally:
