@@ -11,7 +11,8 @@ Then `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)`. API keys
 --api_keys_file (one per line, # comments) and $CIRRUS_API_KEYS (comma-separated); with none,
 no key is needed. `serve.*` gin bindings set the EngineConfig (slots, context, queue, prefix
 cache, watchdog). GET /ready answers 200 once the engine has compiled. SIGTERM or Ctrl-C: stop
-taking connections, let in-flight requests finish (at most --drain_timeout_s), exit 0. If the
+taking connections, let in-flight requests finish (at most --drain_timeout_s; what is still
+running then gets a 503 "shutting down, retry"), exit 0. If the
 engine fails (it died, or a device call hung past serve.watchdog_s), /health and /ready
 answer 503, in-flight requests get errors, and the process exits with code 3.
 """
@@ -152,6 +153,7 @@ def main(argv):
         signal.signal(sig, lambda *_: None)
     if EXIT_ON_FAILURE_S.value >= 0:
         threading.Thread(target=_stop_on_failure, args=(engine, server), daemon=True).start()
+    threading.Thread(target=_drain_with_server, args=(engine, server), daemon=True).start()
     server.run()
     if engine.error:
         _log(f"error: {engine.error}; exiting with code {EXIT_ENGINE_FAILED} to be restarted")
@@ -163,6 +165,15 @@ def main(argv):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # Drained; nothing is left for the interpreter's teardown to wait for.
+
+
+def _drain_with_server(engine, server) -> None:
+    """Once uvicorn starts its graceful shutdown (SIGTERM / Ctrl-C), the engine drains too,
+    with a deadline a little before uvicorn's: a request still running then ends with a 503
+    the client can retry elsewhere, not a bare 500 from uvicorn cancelling it."""
+    while not server.should_exit:
+        time.sleep(0.2)
+    engine.begin_shutdown(max(0.0, DRAIN_TIMEOUT_S.value - 2.0))
 
 
 def _stop_on_failure(engine, server) -> None:

@@ -8,6 +8,8 @@ under tests/serving/fault_serve.py.
 """
 
 import contextlib
+import re
+import signal
 import threading
 import time
 
@@ -78,11 +80,15 @@ def normal(client) -> None:
     assert response.usage.completion_tokens == 3
 
 
-def needs_decode(client, model: str = MODEL):
+def needs_decode(client, model: str = MODEL, max_tokens: int = 4):
     """A request that must reach a decode call: greedy, and its first token (sampled at
     prefill) cannot end it, as a sampled eos from the random model would."""
     return client.completions.create(
-        model=model, prompt="Hi", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        model=model,
+        prompt="Hi",
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True},
     )
 
 
@@ -126,8 +132,9 @@ def error_of(response, status: int = 400) -> dict:
         ({"seed": 2**70}, "seed"),
         ({"logprobs": 21}, "logprobs"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # Without stream.
-        ({"stop": ["x"] * 17}, "stop"),
+        ({"stop": ["x"] * 17}, "stop"),  # Says the bound, not "must be a list of strings".
         ({"stop": "y" * 257}, "stop"),
+        ({"stop": ["y" * 257]}, "stop"),
         ({"prompt": [1, 2**40]}, "prompt"),
         ({"prompt": [1, 10**6]}, "prompt"),
         ({"prompt": ["Hi"] * 257}, "prompt"),
@@ -140,6 +147,9 @@ def test_out_of_range_fields_are_400_naming_them(url, client, fields, param):
     error = error_of(post(url, body))
     assert error["param"] == param and param in error["message"], error
     assert error["type"] == "invalid_request_error"
+    if param in ("stop", "prompt") and not isinstance(fields[param][-1], int):
+        # A union field with a value of the right kind past a bound: the message says which.
+        assert re.search(r"at most (16|256) (items|characters)", error["message"]), error
     normal(client)
 
 
@@ -320,6 +330,38 @@ def test_a_hung_decode_trips_the_watchdog(loaded):
         assert time.monotonic() - started < 30
         assert server_fixtures.http_status(f"{url}/health") == 503
         release.set()
+
+
+def test_sigterm_past_the_drain_gives_the_running_request_a_503_and_exits_0(loaded, tmp_path):
+    """A request still running when --drain_timeout_s runs out gets OpenAI's error object
+    with 503 (retry elsewhere), not uvicorn's bare 500 nor 200 with finish_reason "abort"."""
+    workdir = server_fixtures.write_tiny_workdir(tmp_path / "run")
+    server = server_fixtures.start_server(
+        ["--workdir", workdir, "--drain_timeout_s=3", "--gin_bindings", "serve.num_slots=2"],
+        module="tests.serving.fault_serve",
+        env={"CIRRUS_FAULT": "slow"},
+    )
+    try:
+        client = server_fixtures.make_client(server.url)
+        result = {}
+
+        def long_request():
+            try:  # ~60 decode calls of 0.5 s: far past the drain.
+                needs_decode(client, model="run", max_tokens=120)
+            except openai.APIStatusError as error:
+                result["error"] = error
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        time.sleep(2)
+        server.process.send_signal(signal.SIGTERM)
+        thread.join(60)
+        assert not thread.is_alive()
+        error = result["error"]
+        assert error.status_code == 503 and "shut down" in error.body["message"], error.body
+        assert server.process.wait(60) == 0
+    finally:
+        server_fixtures.stop_server(server)
 
 
 def test_launch_serve_exits_non_zero_when_its_engine_hangs(loaded, tmp_path):

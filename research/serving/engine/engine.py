@@ -37,6 +37,10 @@ from research.serving.engine.prefix_cache import PrefixCache
 from research.serving.engine.scheduler import Output, Request, Scheduler
 
 log = logging.getLogger(__name__)
+SHUTDOWN_ERROR = (
+    "the server shut down before this request finished (drain_timeout_s passed); "
+    "send it again (another replica, or this one once restarted)"
+)
 
 __all__ = ["Engine", "EngineClosed", "EngineConfig", "Output", "QueueFull"]
 
@@ -279,13 +283,24 @@ class Engine:
             self._cancelled.add(request_id)
             self._lock.notify()
 
-    def shutdown(self, drain_timeout_s: float = 30.0) -> None:
-        """Takes no new requests, lets accepted ones finish (aborting what is left after
-        drain_timeout_s), and stops the engine thread."""
+    def begin_shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Takes no new requests; accepted ones may finish within drain_timeout_s, then
+        what is left ends with finish_reason "error" (SHUTDOWN_ERROR). Returns at once; an
+        earlier deadline already set stays."""
         with self._lock:
             self._closing = True
-            self._drain_deadline = time.monotonic() + drain_timeout_s
+            deadline = time.monotonic() + drain_timeout_s
+            self._drain_deadline = min(self._drain_deadline, deadline)
             self._lock.notify()
+
+    @property
+    def closing(self) -> bool:
+        """Shutting down (begin_shutdown or shutdown was called)."""
+        return self._closing
+
+    def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """`begin_shutdown`, then waits for the engine thread to stop."""
+        self.begin_shutdown(drain_timeout_s)
         if self._thread is not None and self._error is None:
             self._thread.join(drain_timeout_s + 30)
         if self._compiler is not None:  # A compile cut off at exit aborts the process.
@@ -408,12 +423,15 @@ class Engine:
             self._stats["waiting"] = len(scheduler.waiting)
             self._waiting_by_owner = collections.Counter(r.owner for r in scheduler.waiting)
             cancelled, self._cancelled = self._cancelled, set()
+            expired = set()
             if self._closing and time.monotonic() > self._drain_deadline:
-                cancelled |= {r.id for r in scheduler.waiting} | {r.id for r in scheduler.running()}
+                expired = {r.id for r in scheduler.waiting} | {r.id for r in scheduler.running()}
         self._busy_since = time.monotonic()
         try:
             if cancelled:
                 scheduler.cancel(cancelled)
+            if expired:  # An error, not "abort": the client must retry elsewhere.
+                scheduler.cancel(expired, "error", error=SHUTDOWN_ERROR)
             scheduler.step()
         finally:
             self._busy_since = None

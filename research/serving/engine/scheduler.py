@@ -158,14 +158,15 @@ class Scheduler:
     def running(self) -> list[Request]:
         return [r for r in self.slots if r is not None]
 
-    def cancel(self, request_ids: set[str], reason: str = "abort") -> None:
-        """Ends the named requests, waiting or running, with finish_reason `reason`."""
+    def cancel(self, request_ids: set[str], reason: str = "abort", error: str | None = None):
+        """Ends the named requests, waiting or running, with finish_reason `reason` (and,
+        for "error", the message `error`)."""
         for request in [r for r in self.waiting if r.id in request_ids]:
             self.waiting.remove(request)
-            self.emit(request, reason)
+            self.emit(request, reason, error=error)
         for slot, request in enumerate(self.slots):
             if request is not None and request.id in request_ids:
-                self._free(slot, reason)
+                self._free(slot, reason, error=error)
 
     def fail_all(self, message: str) -> None:
         """Every waiting and running request ends with finish_reason "error"."""

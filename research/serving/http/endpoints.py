@@ -545,8 +545,12 @@ def _submit_error(error: Exception) -> APIError:
 
 def failed_error(engine, choice: Choice) -> APIError:
     """The error of a choice that ended with finish_reason "error": 503 when the whole
-    engine failed (another replica can serve it), 500 when only this request did."""
+    engine failed or shut down before the choice finished (another replica can serve it),
+    500 when only this request failed."""
     if not engine.alive:
         return APIError(503, f"{engine.error}; the replica is restarting, retry.",
                         code="engine_failed", headers={"Retry-After": "5"})  # fmt: skip
+    if getattr(engine, "closing", False):
+        return APIError(503, choice.error or "the server is shutting down; retry.",
+                        code="shutting_down", headers={"Retry-After": "5"})  # fmt: skip
     return APIError(500, choice.error or "the server failed on this request.", code="server_error")

@@ -230,10 +230,16 @@ def validation_error(errors: list[dict], *, union_fields: bool = True) -> Reques
         same = [e for e in errors if [str(p) for p in e.get("loc", ())][1:2] == [field]]
         if first.get("type") == "missing":
             return RequestError(field, None, f"is required: {expected[field]}")
-        detail = [e for e in same if "UTF-8" in str(e.get("msg", ""))]
-        if detail:  # A lone surrogate deep inside: say so, not "must be a string".
+        # The right kind of value past a bound (17 stop strings, a 300-character one, a lone
+        # surrogate deep inside): say that, not "must be a string or a list of strings".
+        detail = [e for e in same if not str(e.get("type", "")).endswith("_type")]
+        if detail:
             path = _path([str(p) for p in detail[0].get("loc", ()) if p != "body"])
-            return RequestError(field, None, f"{path} {detail[0]['msg'].split(', ', 1)[-1]}")
+            rule = str(detail[0].get("msg", "")).removeprefix("Value error, ")
+            rule = rule[:1].lower() + rule[1:]
+            if isinstance(detail[0].get("input"), str):  # Pydantic counts a str's "items".
+                rule = rule.replace(" items ", " characters ").replace(" item ", " character ")
+            return RequestError(field, None, rule if path == field else f"{path}: {rule}")
         return RequestError(field, same[0].get("input"), f"must be {expected[field]}")
     rule = first.get("msg", "invalid value")
     rule = rule.split(", ", 1)[1] if rule.startswith("Value error, ") else rule
