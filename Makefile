@@ -21,7 +21,14 @@ $(ATTENTION_KERNEL): research/serving/core/decode_attention.cc research/ffi_para
 	$(CXX) -O3 -shared -fPIC -std=c++17 -Iresearch -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" $< -o $@.tmp
 	mv $@.tmp $@
 
-KERNELS := $(KERNEL) $(ATTENTION_KERNEL)
+# Decode matmul over Dense kernels packed in column panels (research/serving/core/packed_matmul.cc).
+PACKED_KERNEL := research/serving/core/_build/libcirrus_packed.so
+$(PACKED_KERNEL): research/serving/core/packed_matmul.cc research/ffi_parallel.h $(VENV)/.runtime-ok
+	mkdir -p $(dir $@)
+	$(CXX) -O3 -shared -fPIC -std=c++17 -Iresearch -isystem "$$($(PY) -c 'import jax.ffi; print(jax.ffi.include_dir())')" $< -o $@.tmp
+	mv $@.tmp $@
+
+KERNELS := $(KERNEL) $(ATTENTION_KERNEL) $(PACKED_KERNEL)
 kernels: $(KERNELS)
 
 $(VENV)/.runtime-ok: requirements.txt

@@ -135,6 +135,16 @@ class Dense(nnx.Module):
                 y = y + self.bias[...].astype(self.out_dtype)
             return y if self.lora_a is None else y + self._lora(x)
         kernel = self.kernel[...].astype(self.dtype)
+        if kernel.shape != (*self.in_features, *self.out_features):
+            # Packed in column panels by the Sampler for decode (research/serving/core/packed.py).
+            from research.serving.core import packed
+
+            lead = x.shape[: x.ndim - self.num_in]
+            y_mn = packed.dot(x.reshape(math.prod(lead), -1), kernel)
+            y = y_mn.reshape(*lead, *self.out_features).astype(self.out_dtype)
+            if self.bias is not None:
+                y = y + self.bias[...].astype(self.out_dtype)
+            return y
         contract_x = tuple(range(x.ndim - self.num_in, x.ndim))
         contract_kernel = tuple(range(self.num_in))
         y = jax.lax.dot_general(

@@ -37,3 +37,20 @@ def full_logits(graphdef, params, tokens_bt):
     t = tokens_bt.shape[1]
     padded = np.pad(tokens_bt, ((0, 0), (0, -t % 16)))
     return np.asarray(_forward(graphdef, params, padded))[:, :t]
+
+
+def run_isa_check(code: str, isa_variable: str, isa: str) -> None:
+    """Runs `code` (which prints "isa <name>" last) in a fresh CPU process with the kernel's
+    ISA forced through `isa_variable` ("scalar" for the portable loop); the choice is made
+    once per process, so each ISA needs its own. Asserts it succeeded on `isa`."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env[isa_variable] = "scalar" if isa == "portable" else ""
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"isa {isa}" in result.stdout, result.stdout[-2000:]

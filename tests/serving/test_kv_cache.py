@@ -8,7 +8,7 @@ from flax import nnx
 
 from research.model import dot_product_attention
 from research.serving.core import attention_kernel, kv_cache
-from tests.serving.helpers import FAMILIES, full_logits, random_split
+from tests.serving.helpers import FAMILIES, full_logits, random_split, run_isa_check
 
 
 @pytest.mark.parametrize("num_rows", [2, 1])  # XLA lowers a one-row scatter apart.
@@ -230,17 +230,7 @@ def test_cpp_decode_attention_equals_numpy(isa):
     """The kernel's softmax statistics per (row, kv head) equal NumPy's in float64, for rows
     with no keys, lengths past the segment and shapes off the vector width; each ISA path
     in its own process (the choice is made once per process)."""
-    import os
-    import subprocess
-    import sys
-
     assert attention_kernel.available(), f"{attention_kernel.LIBRARY}: run `make kernels`"
     if isa == "avx512" and attention_kernel.isa() != "avx512":
         pytest.skip("this CPU has no AVX-512")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    env["CIRRUS_ATTENTION_ISA"] = "scalar" if isa == "portable" else ""
-    result = subprocess.run(
-        [sys.executable, "-c", _STATS_CHECK], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"isa {isa}" in result.stdout
+    run_isa_check(_STATS_CHECK, "CIRRUS_ATTENTION_ISA", isa)

@@ -50,7 +50,7 @@ from flax import nnx
 
 from research import sharding
 from research.errors import RequestError, UserError
-from research.serving.core import kv_cache
+from research.serving.core import kv_cache, packed
 from research.serving.core.kv_cache import key_buckets
 from research.serving.core.sampling import SamplingParams, SlotParams, choose_tokens, slot_params
 
@@ -163,7 +163,9 @@ class Sampler:
         self.num_top_logprobs, self.max_stop_tokens = num_top_logprobs, max_stop_tokens
         self.kv_dtype = kv_dtype
         self.mesh = mesh
-        self.params = shard_params(params, mesh) if mesh is not None else params
+        # Decode on one CPU device reads Dense kernels packed in column panels (packed.py).
+        self.packed = packed.should_pack(model_config, mesh)
+        self.set_params(params)
         self.row_buckets = row_buckets(num_slots)
         self.key_buckets = key_buckets(max_len)
         shardings = self._state_shardings() if mesh is not None else None
@@ -367,7 +369,10 @@ class Sampler:
 
     def set_params(self, params) -> None:
         """Swaps in new parameters of the same shapes (e.g. during training); no recompile."""
-        self.params = shard_params(params, self.mesh) if self.mesh is not None else params
+        params = shard_params(params, self.mesh) if self.mesh is not None else params
+        if self.packed:  # The same bytes in column panels: no second copy is kept.
+            self.graphdef, params = packed.pack_params(self.graphdef, params)
+        self.params = params
 
     def init_state(self) -> DecodeState:
         """Empty slots (nothing live) with a zero cache, sharded on the mesh if any."""
