@@ -140,6 +140,7 @@ def main(argv):
         kv_dtype=kv_dtype,
         mesh=mesh,
     )
+    loaded.params = None  # The Sampler holds them (repacked for decode on CPU).
     where = f"step {loaded.step} of {workdir}" if loaded.step is not None else workdir
     print(f"{where}: {len(prompt_ids)} prompt tokens, context {sampler.max_len}", file=sys.stderr)
     if JSON.value:

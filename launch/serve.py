@@ -111,6 +111,7 @@ def main(argv):
         mesh=mesh,
         metrics=ServingMetrics(model_name),
     )
+    loaded.params = None  # The engine's Sampler holds them (repacked for decode on CPU).
     application = create_app(
         engine,
         model_name=model_name,

@@ -20,7 +20,8 @@ import numpy as np, jax, jax.numpy as jnp
 from research.serving.core import packed
 rng = np.random.default_rng(0)
 # Rows 1..17 (one and two 16-row slices, passes of 8 and less), K off the vector width.
-for m, k, n in [(1, 5, 32), (3, 33, 96), (8, 576, 192), (9, 40, 64), (16, 70, 128), (17, 3, 32)]:
+for m, k, n in [(1, 5, 32), (3, 33, 96), (8, 576, 192), (9, 40, 64), (16, 70, 128), (17, 3, 32),
+                (130, 64, 64)]:
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = rng.standard_normal((k, n), dtype=np.float32)
     got = jax.jit(packed.dot)(jnp.asarray(x), packed.pack(jnp.asarray(w)))
@@ -45,11 +46,12 @@ def test_pack_round_trip_and_reference():
     assert packed_bkp.shape == (2, 6, 32)
     np.testing.assert_array_equal(np.asarray(packed_bkp[1, 2]), w[2, 32:])
     np.testing.assert_array_equal(np.asarray(packed.unpack(packed_bkp)), w)
-    x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)  # Past MAX_ROWS.
+    x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
+    np.testing.assert_allclose(packed.reference(jnp.asarray(x), packed_bkp), x @ w, rtol=1e-5)
     np.testing.assert_allclose(packed.dot(jnp.asarray(x), packed_bkp), x @ w, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 16, 33])  # The kernel up to 16 rows, XLA past it.
+@pytest.mark.parametrize("rows", [1, 4, 16, 33])  # Decode steps and a prefill chunk.
 def test_a_packed_multi_axis_dense_equals_the_unpacked_one(rows):
     """[D] -> [N, H] (q projection) and [N, H] -> [D] (out projection), with a bias."""
     for in_features, out_features in [((48,), (4, 16)), ((4, 16), (64,))]:

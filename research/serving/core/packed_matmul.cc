@@ -12,6 +12,9 @@
 // panel is one contiguous run of K x 128 bytes: each is read from memory once, and every
 // 8 rows of x reuse it from L1 / L2 (8 rows x 2 vectors of running sums in registers).
 //
+// Prefill chunks use it too: at 128 rows it matches XLA's dot on the unpacked kernel (each
+// panel stays in L2 while every 8 rows of x pass over it).
+//
 // Threads take runs of panels (research/ffi_parallel.h). ISA: AVX-512F where the CPU has
 // it, else a portable loop (CIRRUS_PACKED_ISA=scalar forces it).
 
