@@ -20,6 +20,10 @@ class Embedding(nnx.Module):
         transposed, [D, V] (`embedding_q` [D / L, V, 4], `scale`, int4_asym's `min`;
         research/compression/quantize.py): `attend` is the quantized matmul and a lookup reads
         one column per token.
+
+    A float32 table may be packed by the Sampler as the tied head's kernel [D, V] in column
+    panels, [V / 32, D, 32] (research/serving/core/packed.py): lookups then gather row v from
+    panel v // 32 and `attend` is the packed matmul.
     """
 
     def __init__(
@@ -68,8 +72,14 @@ class Embedding(nnx.Module):
             )
             x_md = dequantize(q_km, scale_gm, self.quant, min_gm).T
             return x_md.reshape(*tokens_bt.shape, -1).astype(self.dtype)
+        table = self.embedding[...]
+        if table.ndim == 3:  # Packed for decode: row v is table[v // 32, :, v % 32].
+            panel = table.shape[2]
+            flat = jnp.clip(tokens_bt.reshape(-1), 0, table.shape[0] * panel - 1)
+            x_md = table[flat // panel, :, flat % panel]
+            return x_md.reshape(*tokens_bt.shape, -1).astype(self.dtype)
         # Gather, then cast: casting the whole [V, D] table first would touch all of it.
-        return jnp.take(self.embedding[...], tokens_bt, axis=0, mode="clip").astype(self.dtype)
+        return jnp.take(table, tokens_bt, axis=0, mode="clip").astype(self.dtype)
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
         """Logits against the table (tied LM head): x [B, T, D] compute dtype -> [B, T, V] f32."""
@@ -80,5 +90,13 @@ class Embedding(nnx.Module):
                 x_btd.reshape(b * t, d), self.embedding_q[...], self.scale[...], self.quant, minimum
             )
             return logits.reshape(b, t, -1)
+        if self.embedding[...].ndim == 3:
+            # Packed by the Sampler for decode as the head kernel [D, V] in column panels,
+            # [V / 32, D, 32] (research/serving/core/packed.py): the same bytes, read at the
+            # other dots' bandwidth and, with several rows, at twice XLA's rate.
+            from research.serving.core import packed
+
+            b, t, d = x_btd.shape
+            return packed.dot(x_btd.reshape(b * t, d), self.embedding[...]).reshape(b, t, -1)
         table_vd = self.embedding[...].astype(self.dtype)
         return jnp.einsum("btd,vd->btv", x_btd, table_vd, preferred_element_type=jnp.float32)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from research.model.dense import Dense
+from research.model.embedding import Embedding
 from research.serving import Sampler, SamplingParams, complete, generate_reference
 from research.serving.core import packed
 from tests.serving.helpers import FAMILIES, random_split, run_isa_check
@@ -78,6 +79,23 @@ def test_a_packed_multi_axis_dense_equals_the_unpacked_one(rows):
         assert jax.tree.all(jax.tree.map(lambda a, b: a.shape == b.shape, again, params))
 
 
+def test_a_packed_tied_head_looks_up_and_scores_as_the_table_does():
+    """The tied head's [V, D] table packed as the kernel [D, V]: lookups (out-of-range ids
+    clipped, as before) and logits equal the unpacked table's."""
+    vocab, dim = 96, 40
+    embedding = Embedding(vocab, dim, init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0))
+    table = np.asarray(embedding.embedding[...])
+    tokens = jnp.asarray([[0, 31, 32, 95], [64, 5, -3, 200]])
+    x = jax.random.normal(jax.random.key(1), (3, 5, dim))
+    want_rows, want_logits = embedding(tokens), embedding.attend(x)
+    embedding.embedding.value = packed.pack(jnp.asarray(table).T)
+    assert embedding.embedding.shape == (vocab // packed.PANEL, dim, packed.PANEL)
+    np.testing.assert_array_equal(embedding(tokens), want_rows)
+    np.testing.assert_array_equal(embedding(tokens)[0, 2], table[32])
+    np.testing.assert_allclose(embedding.attend(x), want_logits, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(embedding.attend(x), np.asarray(x) @ table.T, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_packing_sampler_decodes_the_unpacked_models_greedy_tokens(family):
     # Widths that are multiples of the panel (32), so that every projection is packed.
@@ -89,6 +107,8 @@ def test_a_packing_sampler_decodes_the_unpacked_models_greedy_tokens(family):
     if sampler.packed:
         kernels = [x for p, x in nnx.to_flat_state(sampler.params) if p[-1] == "kernel"]
         assert any(x.ndim == 3 and x.shape[-1] == packed.PANEL for x in kernels)
+        table = dict(nnx.to_flat_state(sampler.params))[("embedding", "embedding")]
+        assert table.ndim == (3 if config.tie_embeddings else 2)  # GPT-2's head is tied.
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     results = complete(sampler, prompts, SamplingParams(max_new_tokens=8, temperature=0.0))
     for prompt, result in zip(prompts, results, strict=True):
