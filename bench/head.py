@@ -1,8 +1,10 @@
 """The tied LM head on XLA:CPU: SmolLM2's [49,152, 576] fp32 table, read as the model reads it
 ([V, D], contracted over D) against a transposed [D, V] copy, at decode batch sizes, with
-XLA's default dot path (YNNPACK fusions) and with Eigen (YNNPACK off), against the copy
-bandwidth measured in the same run. Also checks that the compiled decode step of the real
-model reads the table in place (no copy or transpose of a table-sized array in its HLO).
+XLA's default dot path (YNNPACK fusions) and with Eigen (YNNPACK off), and packed as the
+Sampler holds it on one CPU device (the head kernel [D, V] in 32-column panels,
+research/serving/core/packed.py, through its C++ kernel), against the copy bandwidth
+measured in the same run. Also checks that the compiled decode step of the real model reads
+the table in place (no copy or transpose of a table-sized array in its HLO).
 
   .venv/bin/python bench/head.py [--reps 15] [--skip_step]
 
@@ -23,6 +25,8 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from research.serving.core import packed  # noqa: E402
 
 VOCAB, DIM = 49152, 576
 YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -55,6 +59,12 @@ def head_figures(reps: int) -> dict:
                 seconds = median_s(compiled, (x, table), reps)
                 rate = table_vd.nbytes / seconds / 1e9
                 figures[f"{path}_b{batch}_{layout}_GBps"] = round(rate, 1)
+    if packed.available():
+        table_packed = packed.pack(table_dv)
+        for batch in (1, 4, 16):
+            x = jnp.asarray(rng.standard_normal((batch, DIM), np.float32))
+            seconds = median_s(jax.jit(packed.dot), (x, table_packed), reps)
+            figures[f"packed_b{batch}_GBps"] = round(table_vd.nbytes / seconds / 1e9, 1)
     return figures
 
 
@@ -71,7 +81,8 @@ def step_reads_table_in_place() -> bool:
     )
     sampler.compile_bucket(16, 256)
     text = sampler._executables[(16, 256)].as_text()
-    table = re.compile(rf"f32\[({VOCAB},{DIM}|{DIM},{VOCAB})\]\S* (copy|transpose)\(")
+    shapes = f"{VOCAB},{DIM}|{DIM},{VOCAB}|{VOCAB // packed.PANEL},{DIM},{packed.PANEL}"
+    table = re.compile(rf"f32\[({shapes})\]\S* (copy|transpose)\(")
     return not any(table.search(line) for line in text.splitlines())
 
 
