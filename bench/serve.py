@@ -5,7 +5,8 @@ the memory-bandwidth bound, all measured in one run.
 
   .venv/bin/python bench/serve.py [--model smollm2|ref_small] [--new 128] [--reps 3]
 
-Settings are serve-demo's (16 slots, serve.max_len=2048) unless a figure says otherwise.
+Settings are serve-demo's (serve.max_len=2048) with 16 slots (serve-demo's default is 8;
+the issue's figures use 16) unless a figure says otherwise.
 Prompts are random token ids (distinct per request, so the prefix cache never hits), outputs
 ignore eos (every one has exactly --new tokens), greedy. The figures:
 
