@@ -105,9 +105,10 @@ def _packable(dense) -> bool:
 
 def should_pack(model_config, mesh) -> bool:
     """Pack for decode: float32 compute, the CPU backend, one device, the library built with
-    its AVX-512 loop usable on this CPU. The portable loop is there for correctness only: at
-    8-128 rows it ran 2.4-3x slower than XLA's dot on the unpacked kernels (30-layer SmolLM2
-    dot chain at 16 rows 78 ms vs 33; AVX-512 26), so a CPU without AVX-512 keeps XLA's."""
+    its AVX-512 loop usable on this CPU. The portable loop is there for correctness only: with
+    16-128 rows it ran 2-3.5x slower than XLA's dot on the unpacked kernels (30-layer SmolLM2
+    dot chain at 16 rows 80-130 ms vs 39-42; AVX-512 26-29), so a CPU without AVX-512 keeps
+    XLA's."""
     if model_config.dtype != "float32" or jax.default_backend() != "cpu":
         return False
     if mesh is not None and mesh.size > 1:
