@@ -5,7 +5,6 @@ that runs Python depends on it). Without it, `available()` is False (with one wa
 quantized models dequantize before XLA's dot: correct, but slower than float32 on CPU.
 """
 
-import functools
 import os
 
 import jax
@@ -18,29 +17,20 @@ TARGET = "cirrus_qmatmul"
 TARGET_ASYM = "cirrus_qmatmul_asym"  # int4_asym: float16 scale and min per group.
 
 
-@functools.cache
-def _library():
-    return ffi.load_library(
-        LIBRARY,
-        {TARGET: "CirrusQMatmul", TARGET_ASYM: "CirrusQMatmulAsym"},
-        "quantized models will dequantize before each matmul (slow on CPU)",
-    )
-
-
-def available() -> bool:
-    return _library() is not None
-
-
-def isa() -> str:
-    """The instruction set the kernel chose on this CPU: "avx512" or "portable"."""
-    return ffi.isa_of(_library(), "cirrus_qmatmul_isa")
+KERNEL = ffi.Kernel(
+    LIBRARY,
+    {TARGET: "CirrusQMatmul", TARGET_ASYM: "CirrusQMatmulAsym"},
+    "quantized models will dequantize before each matmul (slow on CPU)",
+    "cirrus_qmatmul_isa",
+)
+available, isa = KERNEL.available, KERNEL.isa
 
 
 def qmatmul(x_mk, q, scale, minimum=None, *, bits: int, group: int):
     """x [M, K] f32 -> [M, N] f32 against the quantized [K, N] matrix (quantize.py's form):
     q [K / L, N, 4], scale [K / group, N] (float32), or for int4_asym (minimum given) scale
     and minimum [K / group, N] float16."""
-    if _library() is None:
+    if not available():
         raise RuntimeError(f"{LIBRARY} is missing; build it with `make kernels`.")
     m, n = x_mk.shape[0], scale.shape[-1]
     out = jax.ShapeDtypeStruct((m, n), jnp.float32)

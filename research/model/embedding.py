@@ -90,13 +90,14 @@ class Embedding(nnx.Module):
                 x_btd.reshape(b * t, d), self.embedding_q[...], self.scale[...], self.quant, minimum
             )
             return logits.reshape(b, t, -1)
-        if self.embedding[...].ndim == 3:
+        table = self.embedding[...]
+        if table.ndim == 3:
             # Packed by the Sampler for decode as the head kernel [D, V] in column panels,
             # [V / 32, D, 32] (research/serving/core/packed.py): the same bytes, read at the
             # other dots' bandwidth and, with several rows, at twice XLA's rate.
             from research.serving.core import packed
 
             b, t, d = x_btd.shape
-            return packed.dot(x_btd.reshape(b * t, d), self.embedding[...]).reshape(b, t, -1)
-        table_vd = self.embedding[...].astype(self.dtype)
+            return packed.dot(x_btd.reshape(b * t, d), table).reshape(b, t, -1)
+        table_vd = table.astype(self.dtype)
         return jnp.einsum("btd,vd->btv", x_btd, table_vd, preferred_element_type=jnp.float32)

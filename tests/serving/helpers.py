@@ -39,18 +39,30 @@ def full_logits(graphdef, params, tokens_bt):
     return np.asarray(_forward(graphdef, params, padded))[:, :t]
 
 
-def run_isa_check(code: str, isa_variable: str, isa: str) -> None:
-    """Runs `code` (which prints "isa <name>" last) in a fresh CPU process with the kernel's
-    ISA forced through `isa_variable` ("scalar" for the portable loop); the choice is made
-    once per process, so each ISA needs its own. Asserts it succeeded on `isa`."""
+def cpu_has(*flags: str) -> bool:
+    """Whether this CPU reports every x86 feature flag named (Linux's /proc/cpuinfo; False
+    where there is none, e.g. on Arm)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            line = next((x for x in cpuinfo if x.startswith("flags")), "")
+    except OSError:
+        return False
+    return set(flags) <= set(line.partition(":")[2].split())
+
+
+def run_isa_check(code: str, isa_variable: str, portable: bool, want: str) -> None:
+    """Runs `code` (which prints "isa <name>" last) in a fresh CPU process, with the kernel's
+    portable loop forced through `isa_variable` ("scalar") if `portable`, else the loop it
+    picks for this CPU; the choice is made once per process, so each needs its own. Asserts
+    it succeeded and ran the loop `want`."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    env[isa_variable] = "scalar" if isa == "portable" else ""
+    env[isa_variable] = "scalar" if portable else ""
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"isa {isa}" in result.stdout, result.stdout[-2000:]
+    assert f"isa {want}" in result.stdout, result.stdout[-2000:]

@@ -5,7 +5,6 @@ that runs Python depends on it). Without it, `available()` is False and decode a
 runs as XLA einsums (`kv_cache.decode_attention`): the same numbers, slower at many rows.
 """
 
-import functools
 import os
 
 import jax
@@ -18,25 +17,14 @@ LIBRARY = os.path.join(HERE, "_build", "libcirrus_attention.so")
 TARGET = "cirrus_decode_attention"
 
 
-@functools.cache
-def _library():
-    if os.environ.get("CIRRUS_ATTENTION_KERNEL", "1") == "0":
-        return None
-    return ffi.load_library(
-        LIBRARY,
-        {TARGET: "CirrusDecodeAttention"},
-        "decode attention runs as XLA einsums (slower with many active slots)",
-    )
-
-
-def available() -> bool:
-    """The library is built and not turned off (CIRRUS_ATTENTION_KERNEL=0)."""
-    return _library() is not None
-
-
-def isa() -> str:
-    """ "avx512" or "portable" (the loop the kernel chose on this CPU), "none" if not built."""
-    return ffi.isa_of(_library(), "cirrus_attention_isa")
+KERNEL = ffi.Kernel(
+    LIBRARY,
+    {TARGET: "CirrusDecodeAttention"},
+    "decode attention runs as XLA einsums (slower with many active slots)",
+    "cirrus_attention_isa",
+    off_variable="CIRRUS_ATTENTION_KERNEL",
+)
+available, isa = KERNEL.available, KERNEL.isa
 
 
 def segment_stats(q_bkgh, keys_cksh, values_cksh, lengths_b):
@@ -52,7 +40,7 @@ def segment_stats(q_bkgh, keys_cksh, values_cksh, lengths_b):
       (max [B, K, G], sum [B, K, G], acc [B, K, G, H]): the largest logit (-3e38 for a row
       with no keys), sum of exp(logit - max), and that weighting of the values.
     """
-    if _library() is None:
+    if not available():
         raise RuntimeError(f"{LIBRARY} is missing; build it with `make kernels`.")
     b, k, g, h = q_bkgh.shape
     out = (

@@ -16,7 +16,6 @@ was 1.7x slower there), XLA's einsum elsewhere.
 CPU without AVX-512 (or with CIRRUS_PACKED=0) nothing is packed.
 """
 
-import functools
 import math
 import os
 
@@ -32,24 +31,14 @@ TARGET = "cirrus_packed_matmul"
 PANEL = 32  # Columns per panel (packed_matmul.cc's kPanel).
 
 
-@functools.cache
-def _library():
-    if os.environ.get("CIRRUS_PACKED", "1") == "0":
-        return None
-    return ffi.load_library(
-        LIBRARY,
-        {TARGET: "CirrusPackedMatmul"},
-        "decode steps use XLA's dot on unpacked weights (slower with several rows)",
-    )
-
-
-def available() -> bool:
-    return _library() is not None
-
-
-def isa() -> str:
-    """ "avx512" or "portable" (the loop the kernel chose on this CPU), "none" if not built."""
-    return ffi.isa_of(_library(), "cirrus_packed_isa")
+KERNEL = ffi.Kernel(
+    LIBRARY,
+    {TARGET: "CirrusPackedMatmul"},
+    "decode steps use XLA's dot on unpacked weights (slower with several rows)",
+    "cirrus_packed_isa",
+    off_variable="CIRRUS_PACKED",
+)
+available, isa = KERNEL.available, KERNEL.isa
 
 
 def pack(kernel_kn: jax.Array) -> jax.Array:
@@ -94,9 +83,9 @@ def is_packed(dense) -> bool:
 
 
 def _packable(dense) -> bool:
-    if getattr(dense, "quant", None) is not None or getattr(dense, "kernel", None) is None:
+    if dense.quant is not None or dense.lora_a is not None:  # Quantized: no float kernel.
         return False
-    if dense.lora_a is not None or dense.kernel.dtype != jnp.float32 or is_packed(dense):
+    if dense.kernel.dtype != jnp.float32 or is_packed(dense):
         return False
     k, n = math.prod(dense.in_features), math.prod(dense.out_features)
     # A packed shape that happens to equal the natural one could not be told apart.
@@ -118,13 +107,10 @@ def should_pack(model_config, mesh) -> bool:
 
 def _packable_head(decoder) -> bool:
     """A tied LM head: the float32 [V, D] embedding table, V a multiple of PANEL."""
-    embedding = getattr(decoder, "embedding", None)
-    if getattr(decoder, "lm_head", True) is not None or embedding is None:
+    if decoder.lm_head is not None or decoder.embedding.quant is not None:
         return False
-    table = getattr(embedding, "embedding", None)
-    if getattr(embedding, "quant", None) is not None or table is None:
-        return False
-    return table[...].ndim == 2 and table.dtype == jnp.float32 and table.shape[0] % PANEL == 0
+    table = decoder.embedding.embedding[...]
+    return table.ndim == 2 and table.dtype == jnp.float32 and table.shape[0] % PANEL == 0
 
 
 def pack_params(graphdef, params):
